@@ -1,0 +1,1050 @@
+"""On-policy distillation (OPD) and its length inflation, in one file.
+
+The student samples responses to prompts, the frozen teacher scores the very tokens the
+student sampled, and the student is trained to lower the reverse KL KL(p_S || p_T) on the
+states it visits itself (GKD, Agarwal et al. 2024, arXiv 2306.13649). Luo et al. 2026
+(arXiv 2604.08527) showed that this can fail abruptly: the rollouts grow until they fill
+the length budget, turn repetitive, and accuracy falls ("length inflation"). This file
+reproduces that failure on a model pair it builds itself in about a minute, measures it
+with the paper's metrics, and compares the stabilizers proposed for it on the same seeds.
+
+    python opd.py                                   # the whole study: runs, plots/, table
+    python opd.py --methods opd --seeds 1           # one plain OPD run
+    python opd.py --methods opd --seeds 1 --ref-kl 0.1 --sft-coef 0.5   # your own mix
+    python opd.py --teacher PATH --student PATH --prompts FILE --device cuda  # real models
+    python opd.py --help                            # every option, with its reason
+
+Deliberately left out, compared with the paper's setup: no PPO/GRPO ratio or clipping
+(one update per batch of rollouts, so the ratio is 1 and clipping is inert); one rollout
+per prompt instead of a group (OPD's advantage needs no group baseline); a synthetic task
+and a two-layer model pair instead of math problems and 1.5B/7B models; and zlib's
+compression test is scaled down from a 10,000-character tail to a 24-token one.
+
+Sections (the tutorial has the same headings, in the same order):
+  1. OPD in one page            objectives, masks, loss aggregation
+  2. Task and model pair        synthetic task, tokenizer, teacher/student build and cache
+  3. Monitor                    length, truncation and repetition metrics; alerts
+  4. Length inflation reproduced rollouts, the training loop, the guard
+  5. Stabilizers                one small function per fix
+  6. Real models                loading any Hugging Face pair, the checks before step 0
+  7. Scaling up                 chunked loss so memory does not grow with T x V
+  8. Study and exercises        the study over methods and seeds, table and plots
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def _f(default, why):
+    """A config field with its one-line reason (shown by --help)."""
+    return field(default=default, metadata={"help": why})
+
+
+@dataclass
+class Config:
+    # --- what to run
+    methods: str = _f("opd,stable-opd,ref-kl,mixture,drop-trunc,overlong,adv-log,eos-mask,rep-penalty,opd+guard,full-vocab",
+                      "comma-separated presets from METHODS; each runs on every seed")
+    seeds: int = _f(3, "number of seeds per method (seed, seed+1, ...)")
+    seed: int = _f(0, "first seed; the only source of randomness (torch and the task sampler)")
+    run_name: str = _f("", "run folder name under out_dir; empty: '<method>-s<seed>'")
+    out_dir: str = _f("runs", "each run writes out_dir/<run_name>/metrics.jsonl")
+    plots_dir: str = _f("plots", "study figures, results.csv and results.md go here")
+    device: str = _f("cpu", "'cpu' or 'cuda'; the default pair is small enough for a CPU")
+    workers: int = _f(2, "parallel processes for the study (2 cores here: 2 single-threaded runs beat 1 two-threaded)")
+    # --- model pair (empty paths: build the default pair of section 2)
+    teacher: str = _f("", "teacher path or hub id; empty: the self-built default teacher")
+    student: str = _f("", "student path or hub id; empty: the self-built default student")
+    prompts: str = _f("", "JSON-lines file of {'prompt': ..., 'answer': optional}; empty: the synthetic task")
+    cache_dir: str = _f(".cache", "the default pair is saved here, in a folder keyed by its configuration")
+    teacher_layers: int = _f(2, "two layers: enough to count motif repeats reliably")
+    teacher_width: int = _f(128, "hidden size of the teacher")
+    teacher_steps: int = _f(800, "supervised steps: brings the teacher to ~0.9+ exact match")
+    student_layers: int = _f(2, "same depth as the teacher but half the width: can learn, starts weaker")
+    student_width: int = _f(64, "hidden size of the student")
+    student_steps: int = _f(120, "short supervised warm-up: a student that stops on time but often miscounts")
+    pretrain_lr: float = _f(3e-3, "AdamW lr for building the pair (small models, short schedules)")
+    # --- OPD
+    steps: int = _f(100, "OPD updates per run")
+    batch_size: int = _f(64, "prompts per step, one rollout each")
+    lr: float = _f(1e-3, "AdamW lr for OPD")
+    temperature: float = _f(1.0, "sampling AND loss temperature; they must match for on-policy samples")
+    max_new_tokens: int = _f(48, "length budget: 2.4x the longest correct answer (20 tokens)")
+    objective: str = _f("sampled", "'sampled': A_t = log p_T(y_t) - log p_S(y_t), loss -A_t log p_S(y_t); 'full': KL(p_S||p_T) over the vocabulary")
+    loss_agg: str = _f("token-mean", "verl's names: token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm")
+    grad_clip: float = _f(1.0, "global grad-norm clip, as in most RL fine-tuning recipes")
+    chunk_size: int = _f(0, "positions per chunk of the loss (section 7); 0: all at once")
+    # --- stabilizers (section 5); all off by default: plain OPD
+    ref_kl: float = _f(0.0, "beta of beta*KL(p_S || p_ref), p_ref = frozen initial student (Stable-OPD)")
+    sft_coef: float = _f(0.0, "lambda of the NLL on clean reference answers of the step's prompts (rollout mixture)")
+    trunc_weight: float = _f(1.0, "loss weight of truncated rollouts: 0 drops them (DAPO overlong filtering)")
+    overlong_buffer: int = _f(0, "DAPO soft overlong penalty over the last B tokens of the budget; 0: off")
+    adv_regulation: str = _f("none", "'none' | 'log': sign(A)log(1+|A|) | 'clip': A clipped to +-adv_clip")
+    adv_clip: float = _f(1.0, "bound for adv_regulation='clip'")
+    eos_mask: bool = _f(False, "zero the advantage on EOS tokens: the teacher cannot train stopping away")
+    rep_penalty: float = _f(1.0, "CTRL repetition penalty while sampling (>1 on); rollouts are then off-policy")
+    guard: bool = _f(False, "on a monitor alert: restore the last healthy student and switch on Stable-OPD")
+    # --- monitor (section 3)
+    rep_window: int = _f(24, "tokens of the tail the compression test looks at: half the budget")
+    rep_tau: float = _f(1.6, "CompRatio above which a tail counts as repetitive (scaled for 24-token tails)")
+    alert_max_len: int = _f(0, "alert when a rollout is longer than this; 0: the budget (any truncation)")
+    alert_trunc: float = _f(0.2, "alert when the truncation rate exceeds this")
+    alert_rep: float = _f(0.1, "alert when the repetition rate exceeds this")
+    alert_growth: float = _f(0.25, "alert when mean length exceeds its EMA by this fraction")
+    # --- evaluation and logging
+    eval_every: int = _f(10, "greedy held-out evaluation every N steps")
+    eval_size: int = _f(128, "held-out prompts")
+    log_samples_every: int = _f(50, "print a few decoded rollouts every N steps")
+    threads: int = _f(1, "torch threads per process (set on purpose; see --workers)")
+    save_student: bool = _f(False, "save the final student with save_pretrained in the run folder")
+    self_distill: bool = _f(False, "sanity mode: the teacher is the student itself; the loss must be 0")
+
+
+# =============================================================================
+# 1. OPD in one page: objectives, masks, loss aggregation
+# =============================================================================
+
+def response_mask(tokens: torch.Tensor, eos_id: int):
+    """Mask of real response tokens: up to and including the first EOS.
+
+    Returns (mask (B, T) float, lengths (B,), truncated (B,) bool). A rollout with no EOS
+    within the budget is truncated and all its T tokens count.
+    """
+    is_eos = tokens == eos_id                                    # (B, T)
+    before_eos = (is_eos.cumsum(-1) - is_eos.long()) == 0        # (B, T) nothing ended yet
+    mask = before_eos.float()                                    # (B, T) EOS itself included
+    truncated = ~is_eos.any(-1)                                  # (B,)
+    return mask, mask.sum(-1).long(), truncated
+
+
+def sampled_token_advantage(logp_teacher: torch.Tensor, logp_student: torch.Tensor):
+    """A_t = log p_T(y_t|s_t) - log p_S(y_t|s_t), detached (Luo et al. 2026, Eq. 3)."""
+    return (logp_teacher - logp_student).detach()
+
+
+def sampled_token_loss(advantage: torch.Tensor, logp_student: torch.Tensor):
+    """Per-token policy-gradient loss -A_t * log p_S(y_t): its expected gradient is that of
+    KL(p_S || p_T) along the sampled sequence, with no discounting (each token its own A_t)."""
+    return -advantage * logp_student
+
+
+def full_vocab_reverse_kl(logp_student: torch.Tensor, logp_teacher: torch.Tensor):
+    """KL(p_S || p_T)(s_t) = sum_v p_S(v) (log p_S(v) - log p_T(v)) per position.
+
+    (..., V) log-probs in, (...) out. GKD with beta=1 (TRL's reverse KL); the gradient flows
+    through p_S, the prefix s_t is not differentiated.
+    """
+    return (logp_student.exp() * (logp_student - logp_teacher)).sum(-1)
+
+
+def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str, max_len: int | None = None):
+    """Reduce a (B, T) per-token loss over the response mask, with verl's mode names.
+
+    token-mean              sum(l * m) / sum(m)               every token weighs the same
+    seq-mean-token-mean     mean_b [sum_t l*m / sum_t m]      every sequence weighs the same
+    seq-mean-token-sum      mean_b [sum_t l*m]                long sequences weigh more
+    seq-mean-token-sum-norm mean_b [sum_t l*m] / max_len      (Dr. GRPO) a constant normaliser
+    `mask` may hold weights in [0, 1] (down-weighted rollouts); 0 is padding.
+    """
+    masked = per_token * mask                                    # (B, T)
+    if mode == "token-mean":
+        return masked.sum() / mask.sum().clamp(min=1e-8)
+    if mode == "seq-mean-token-mean":
+        seq = masked.sum(-1) / mask.sum(-1).clamp(min=1e-8)      # (B,)
+        return seq[mask.sum(-1) > 0].mean() if (mask.sum(-1) > 0).any() else masked.sum() * 0
+    if mode == "seq-mean-token-sum":
+        return masked.sum(-1).mean()
+    if mode == "seq-mean-token-sum-norm":
+        return masked.sum(-1).mean() / (max_len or per_token.shape[-1])
+    raise ValueError(f"unknown loss_agg {mode!r}; use token-mean, seq-mean-token-mean, "
+                     "seq-mean-token-sum or seq-mean-token-sum-norm")
+
+
+# =============================================================================
+# 2. Task and model pair
+# =============================================================================
+# Task "repeat the motif k times": prompt "c a f x 3 =", answer "c a f c a f c a f <eos>".
+# Why this task: the answer is checkable, and its LENGTH is the hard part. Copying the
+# motif is easy; knowing when to stop requires counting, which a 2-layer width-128 teacher
+# learns and a width-64 student after a short warm-up only half learns. A student unsure
+# where to stop is exactly where length inflation starts. (A task whose answer length is
+# fixed by the prompt, e.g. reversal, did not inflate at all: see the tutorial.)
+
+LETTERS = list("abcdefgh")          # 8 motif symbols
+COUNTS = [1, 2, 3, 4, 5]            # repeats; longest answer 4 * 5 = 20 tokens
+MOTIF_LENS = [2, 3, 4]
+SPECIAL = {"pad": "<pad>", "bos": "<bos>", "eos": "<eos>", "unk": "<unk>"}
+
+
+class MotifTask:
+    """Prompts and reference answers; held-out motifs never appear in training prompts."""
+
+    def __init__(self, seed: int = 1234, eval_size: int = 128):
+        rng = random.Random(seed)
+        motifs = []
+        for n in MOTIF_LENS:
+            for _ in range(400):
+                motifs.append(tuple(rng.sample(LETTERS, n)))
+        motifs = sorted(set(motifs))
+        rng.shuffle(motifs)
+        n_eval = len(motifs) // 8                                # 1/8 of the motifs held out
+        self.eval_motifs, self.train_motifs = motifs[:n_eval], motifs[n_eval:]
+        ev = random.Random(seed + 1)
+        self.eval_set = [self.example(ev.choice(self.eval_motifs), ev.choice(COUNTS)) for _ in range(eval_size)]
+
+    @staticmethod
+    def example(motif, k):
+        return {"prompt": " ".join(motif) + f" x {k} =", "answer": " ".join(list(motif) * k)}
+
+    def sample(self, n: int, rng: random.Random):
+        return [self.example(rng.choice(self.train_motifs), rng.choice(COUNTS)) for _ in range(n)]
+
+
+def build_tokenizer():
+    """A real transformers tokenizer over a word-level vocabulary, with BOS/EOS/PAD."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    words = [SPECIAL["pad"], SPECIAL["bos"], SPECIAL["eos"], SPECIAL["unk"]] + LETTERS \
+        + [str(c) for c in COUNTS] + ["x", "="]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=SPECIAL["unk"]))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # add_special_tokens=True prepends BOS, like Llama's tokenizer does
+    tok.post_processor = processors.TemplateProcessing(single=f"{SPECIAL['bos']} $A", special_tokens=[(SPECIAL["bos"], 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SPECIAL["bos"], eos_token=SPECIAL["eos"],
+                                   pad_token=SPECIAL["pad"], unk_token=SPECIAL["unk"], padding_side="left")
+
+
+def make_model(tokenizer, layers: int, width: int, arch: str = "llama"):
+    """A small Llama-style causal LM (a Qwen2 config works the same way: see the tests)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    kw = dict(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=4 * width,
+              num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+              max_position_embeddings=128, bos_token_id=tokenizer.bos_token_id,
+              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    cfg = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch](**kw)
+    return AutoModelForCausalLM.from_config(cfg)
+
+
+def encode_batch(tokenizer, texts: list[str], device="cpu"):
+    """Left-padded prompt ids (B, P) and attention mask (B, P); chat template if the tokenizer has one."""
+    if getattr(tokenizer, "chat_template", None):
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                               add_generation_prompt=True) for t in texts]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    else:
+        enc = tokenizer(texts, return_tensors="pt", padding=True)
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+def supervised_batch(tokenizer, examples, device="cpu"):
+    """prompt + answer + EOS, left-padded, with labels only on answer tokens (incl. EOS)."""
+    ids, labels = [], []
+    for ex in examples:
+        p, _ = encode_batch(tokenizer, [ex["prompt"]])
+        a = tokenizer(ex["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids.append(p[0].tolist() + a)
+        labels.append([-100] * p.shape[1] + a)
+    T = max(len(x) for x in ids)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (T - len(x)) + x for x in ids], device=device)        # (B, T)
+    lab = torch.tensor([[-100] * (T - len(x)) + x for x in labels], device=device)          # (B, T)
+    attn = (torch.arange(T, device=device)[None] >= torch.tensor([T - len(x) for x in ids], device=device)[:, None]).long()
+    return input_ids, attn, lab
+
+
+def sft_nll(model, tokenizer, examples, device="cpu"):
+    """Mean NLL of the reference answers (teacher/student warm-up and rollout mixture)."""
+    input_ids, attn, labels = supervised_batch(tokenizer, examples, device)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attn, position_ids=pos).logits.float()  # (B, T, V)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def train_supervised(model, tokenizer, task, steps, lr, rng, name, device="cpu", batch_size=64):
+    """Plain SFT on the task; progress and accuracy printed as it goes."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * max(0.05, 1 - s / steps))
+    t0 = time.time()
+    for step in range(steps):
+        loss = sft_nll(model, tokenizer, task.sample(batch_size, rng), device)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if (step + 1) % 200 == 0 or step + 1 == steps:
+            print(f"[build] {name} step {step + 1}/{steps} nll {loss.item():.3f} ({time.time() - t0:.0f}s)", flush=True)
+    return model
+
+
+def pair_key(cfg: Config) -> str:
+    build = {k: getattr(cfg, k) for k in ("teacher_layers", "teacher_width", "teacher_steps", "student_layers",
+                                          "student_width", "student_steps", "pretrain_lr")}
+    build["task_version"] = 1
+    return hashlib.sha1(json.dumps(build, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def build_default_pair(cfg: Config) -> tuple[str, str]:
+    """Train the default pair once and save it with save_pretrained; return both folders.
+
+    The folder is keyed by the build configuration, so a second run reuses it and a changed
+    configuration builds a new one. Runs then load it back with from_pretrained, the path a
+    user's hub model takes.
+    """
+    root = Path(cfg.cache_dir) / f"pair-{pair_key(cfg)}"
+    t_dir, s_dir = root / "teacher", root / "student"
+    if (root / "DONE").exists():
+        return str(t_dir), str(s_dir)
+    print(f"[build] no cached pair at {root}; building it (about a minute on 2 CPU cores)", flush=True)
+    t0 = time.time()
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    tokenizer = build_tokenizer()
+    task = MotifTask()
+    teacher = train_supervised(make_model(tokenizer, cfg.teacher_layers, cfg.teacher_width), tokenizer, task,
+                               cfg.teacher_steps, cfg.pretrain_lr, rng, "teacher")
+    student = train_supervised(make_model(tokenizer, cfg.student_layers, cfg.student_width), tokenizer, task,
+                               cfg.student_steps, cfg.pretrain_lr, rng, "student")
+    tmp = root.with_name(root.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for model, d in ((teacher, tmp / "teacher"), (student, tmp / "student")):
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.save_pretrained(d)
+        tokenizer.save_pretrained(d)
+    info = {"build_s": round(time.time() - t0, 1), "key": pair_key(cfg)}
+    for name, m in (("teacher", teacher), ("student", student)):
+        info[f"{name}_params"] = sum(p.numel() for p in m.parameters())
+        info[f"{name}_accuracy"] = evaluate(m, tokenizer, task.eval_set, cfg.max_new_tokens)["accuracy"]
+    (tmp / "pair.json").write_text(json.dumps(info, indent=1))
+    (tmp / "DONE").write_text("ok")
+    shutil.rmtree(root, ignore_errors=True)
+    tmp.rename(root)                                             # atomic: a half-built pair is never used
+    print(f"[build] pair saved to {root}: {info}", flush=True)
+    return str(t_dir), str(s_dir)
+
+
+# =============================================================================
+# 3. Monitor: length, truncation and repetition, with alerts
+# =============================================================================
+# Framework-free: token id lists in, plain numbers out. Paste it into a TRL or verl loop.
+
+def compression_ratio(ids) -> float:
+    """CompRatio = len(raw) / len(zlib(raw)) of a token-id sequence (Luo et al. 2026, Sec. 3.3)."""
+    raw = b"".join(int(i).to_bytes(4, "little") for i in ids)   # 4 bytes/id: any vocabulary size
+    return len(raw) / len(zlib.compress(raw, 9))
+
+
+def is_repetitive(ids, window: int, tau: float) -> bool:
+    """Repetitive if the last `window` tokens exist (the tail is long enough) and compress
+    better than tau. The paper uses a 10,000-character tail and tau=10; at 24 tokens zlib's
+    fixed overhead caps the ratio near 3, so tau is scaled down (see the tutorial's table)."""
+    return len(ids) >= window and compression_ratio(ids[-window:]) > tau
+
+
+def ngram_repetition(ids, n: int = 3) -> float:
+    """Fraction of the sequence's n-grams that already occurred earlier in it (0: no repeats)."""
+    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def length_stats(seqs, eos_id: int, max_len: int, window: int = 24, tau: float = 1.6) -> dict:
+    """Length, truncation and repetition figures of a batch of generated id sequences.
+
+    `seqs`: list of token id lists, each the response only (EOS included if it stopped).
+    """
+    lengths = sorted(len(s) for s in seqs)
+    n = max(len(seqs), 1)
+    trunc = [len(s) > 0 and s[-1] != eos_id and len(s) >= max_len for s in seqs]
+    body = [s[:-1] if s and s[-1] == eos_id else s for s in seqs]
+    return {
+        "len_mean": sum(lengths) / n,
+        "len_max": lengths[-1] if lengths else 0,
+        "len_p90": lengths[min(len(lengths) - 1, math.ceil(0.9 * len(lengths)) - 1)] if lengths else 0,
+        "trunc_rate": sum(trunc) / n,
+        "rep_rate": sum(is_repetitive(b, window, tau) for b in body) / n,
+        "ngram_rep": sum(ngram_repetition(b) for b in body) / n,
+    }
+
+
+class LengthMonitor:
+    """Keeps the history of length_stats and raises each alert once, at onset.
+
+    Alerts: max length over a threshold (the starter's check), truncation rate, repetition
+    rate, and growth: mean length above its EMA by `growth` (so inflation is caught before
+    it fills the budget). `update` returns the stats plus 'alert/<name>' = 1 for new alerts.
+    """
+
+    def __init__(self, eos_id: int, max_len: int, max_len_alert: int = 0, trunc: float = 0.2, rep: float = 0.1,
+                 growth: float = 0.25, ema: float = 0.9, warmup: int = 3, window: int = 24, tau: float = 1.6):
+        self.eos_id, self.max_len, self.window, self.tau = eos_id, max_len, window, tau
+        self.thresholds = {"max_len": max_len_alert or max_len - 1, "trunc_rate": trunc, "rep_rate": rep, "growth": growth}
+        self.ema_beta, self.warmup = ema, warmup
+        self.ema, self.n, self.active, self.history = None, 0, set(), []
+
+    def update(self, seqs, step: int) -> dict:
+        s = length_stats(seqs, self.eos_id, self.max_len, self.window, self.tau)
+        self.n += 1
+        growth = 0.0 if self.ema is None else s["len_mean"] / max(self.ema, 1e-8) - 1.0
+        checks = {"max_len": s["len_max"] > self.thresholds["max_len"],
+                  "trunc_rate": s["trunc_rate"] > self.thresholds["trunc_rate"],
+                  "rep_rate": s["rep_rate"] > self.thresholds["rep_rate"],
+                  "growth": self.n > self.warmup and growth > self.thresholds["growth"]}
+        values = {"max_len": s["len_max"], "trunc_rate": s["trunc_rate"], "rep_rate": s["rep_rate"], "growth": growth}
+        out = dict(s, growth=growth)
+        for name, fired in checks.items():
+            if fired and name not in self.active:
+                out[f"alert/{name}"] = 1
+                print(f"[alert] step {step}: {name} = {values[name]:.3f} crossed {self.thresholds[name]}", flush=True)
+            (self.active.add if fired else self.active.discard)(name)
+        self.ema = s["len_mean"] if self.ema is None else self.ema_beta * self.ema + (1 - self.ema_beta) * s["len_mean"]
+        self.history.append(out)
+        return out
+
+
+# =============================================================================
+# 4. Length inflation reproduced: rollouts, the loop, the guard
+# =============================================================================
+
+@torch.no_grad()
+def sample_rollouts(model, prompt_ids, prompt_mask, max_new_tokens: int, eos_id: int, pad_id: int,
+                    temperature: float = 1.0, greedy: bool = False, rep_penalty: float = 1.0):
+    """Sample responses with a KV cache: pure sampling at `temperature` (no top-k/top-p, so
+    the samples come from the distribution the loss assumes). Returns (B, T<=max_new_tokens)
+    tokens, padded with pad_id after EOS. `rep_penalty` > 1 is the CTRL penalty (off-policy)."""
+    B = prompt_ids.shape[0]
+    attn = prompt_mask.clone()                                   # (B, P)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)                     # (B, P) left padding aware
+    out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, use_cache=True)
+    cache, logits = out.cache, out.logits[:, -1].float()         # (B, V)
+    done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
+    seen = torch.zeros_like(logits, dtype=torch.bool)            # (B, V) tokens already generated
+    tokens = []
+    for _ in range(max_new_tokens):
+        if rep_penalty != 1.0:
+            logits = torch.where(seen, torch.where(logits > 0, logits / rep_penalty, logits * rep_penalty), logits)
+        if greedy:
+            nxt = logits.argmax(-1)                              # (B,)
+        else:
+            nxt = torch.multinomial(F.softmax(logits / temperature, -1), 1).squeeze(-1)  # (B,)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        tokens.append(nxt)
+        seen[torch.arange(B), nxt] = True
+        done |= nxt == eos_id
+        if done.all():
+            break
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)   # (B, P+t)
+        pos = pos[:, -1:] + 1                                        # (B, 1)
+        out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, cache=cache, use_cache=True)
+        cache, logits = out.cache, out.logits[:, -1].float()
+    return torch.stack(tokens, 1)                                # (B, T)
+
+
+def hidden_states(model, input_ids, attn):
+    """Last hidden states (B, T, H) of a causal LM, without its vocabulary projection: the
+    loss projects them chunk by chunk (section 7)."""
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    base = getattr(model, model.base_model_prefix)
+    return base(input_ids=input_ids, attention_mask=attn, position_ids=pos).last_hidden_state
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, examples, max_new_tokens: int, device="cpu", batch_size: int = 128):
+    """Greedy held-out exact match, with the evaluation rollouts' length/truncation/repetition."""
+    was_training = model.training
+    model.eval()
+    seqs, correct = [], 0
+    eos = tokenizer.eos_token_id
+    for i in range(0, len(examples), batch_size):
+        batch = examples[i:i + batch_size]
+        ids, attn = encode_batch(tokenizer, [e["prompt"] for e in batch], device)
+        toks = sample_rollouts(model, ids, attn, max_new_tokens, eos, tokenizer.pad_token_id, greedy=True)
+        _, lengths, truncated = response_mask(toks, eos)
+        for j, e in enumerate(batch):
+            s = toks[j, :lengths[j]].tolist()
+            seqs.append(s)
+            if e.get("answer") is not None and not truncated[j]:
+                correct += tokenizer.decode(s[:-1], skip_special_tokens=True).strip() == e["answer"].strip()
+    model.train(was_training)
+    stats = length_stats(seqs, eos, max_new_tokens)
+    n_ref = sum(e.get("answer") is not None for e in examples)
+    return dict(stats, accuracy=correct / max(n_ref, 1))
+
+
+METRIC_KEYS = [  # documented in the tutorial, section 3; a test checks every run logs them all
+    "step", "loss/total", "loss/opd", "kl/reverse", "rollout/len_mean", "rollout/len_max", "rollout/len_p90",
+    "rollout/trunc_rate", "rollout/rep_rate", "rollout/ngram_rep", "logp/student", "logp/teacher", "adv/mean",
+    "adv/repetitive", "adv/regular", "adv/repetitive_frac", "eos/p_student", "eos/p_teacher", "eval/accuracy",
+    "eval/len_mean", "eval/len_max", "eval/trunc_rate", "eval/rep_rate", "eval/ngram_rep", "time/rollout_s",
+    "time/teacher_s", "time/update_s", "time/eval_s", "time/tokens_per_s"]
+
+
+def run_opd(cfg: Config, method: str = "opd"):
+    """One OPD run: sample, score, update, monitor; writes out_dir/<run_name>/metrics.jsonl."""
+    torch.manual_seed(cfg.seed)                                  # the one seed
+    rng = random.Random(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device)
+    student, teacher, tokenizer, data = load_models_and_data(cfg, device)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    ref = copy.deepcopy(student).eval().requires_grad_(False) if cfg.ref_kl > 0 or cfg.guard else None
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
+    monitor = LengthMonitor(eos, cfg.max_new_tokens, cfg.alert_max_len, cfg.alert_trunc, cfg.alert_rep,
+                            cfg.alert_growth, window=cfg.rep_window, tau=cfg.rep_tau)
+    run_dir = Path(cfg.out_dir) / (cfg.run_name or f"{method}-s{cfg.seed}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = run_dir / "metrics.jsonl"
+    if metrics_path.exists():                                    # never lose an earlier run's log
+        metrics_path.replace(run_dir / "metrics.prev.jsonl")
+    (run_dir / "config.json").write_text(json.dumps(dict(dataclasses.asdict(cfg), method=method), indent=1))
+    healthy = None                                               # guard: last healthy student + optimizer
+    log = open(metrics_path, "w")
+    eval_m, t_eval = {}, 0.0
+    try:
+        for step in range(cfg.steps + 1):
+            # --- held-out evaluation (greedy), before the update of this step
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                t = time.time()
+                ev = evaluate(student, tokenizer, data["eval"], cfg.max_new_tokens, device)
+                eval_m, t_eval = {f"eval/{k}": v for k, v in ev.items()}, time.time() - t
+            if step == cfg.steps:
+                m = {"step": step, **eval_m}
+                log.write(json.dumps(m) + "\n")
+                break
+            # --- 1. the student samples
+            t0 = time.time()
+            batch = data["sample"](cfg.batch_size, rng)
+            p_ids, p_attn = encode_batch(tokenizer, [e["prompt"] for e in batch], device)
+            student.eval()
+            resp = sample_rollouts(student, p_ids, p_attn, cfg.max_new_tokens, eos, pad, cfg.temperature,
+                                   rep_penalty=cfg.rep_penalty)                              # (B, T)
+            student.train()
+            mask, lengths, truncated = response_mask(resp, eos)                              # (B, T)
+            seq = torch.cat([p_ids, resp], 1)                                                # (B, P+T)
+            attn = torch.cat([p_attn, mask.long()], 1)                                       # (B, P+T)
+            P, T = p_ids.shape[1], resp.shape[1]
+            t1 = time.time()
+            # --- 2. the teacher scores the same tokens: one no-grad forward
+            with torch.no_grad():
+                h_t = hidden_states(teacher, seq, attn)[:, P - 1:P + T - 1]                  # (B, T, H_t)
+                h_ref = hidden_states(ref, seq, attn)[:, P - 1:P + T - 1] if cfg.ref_kl > 0 else None
+            t2 = time.time()
+            # --- 3. the student's one forward: loss and metrics both come from it
+            h_s = hidden_states(student, seq, attn)[:, P - 1:P + T - 1]                      # (B, T, H_s)
+            terms = token_terms(h_s, student.get_output_embeddings(), h_t, teacher.get_output_embeddings(),
+                                resp, eos, cfg.temperature, cfg.chunk_size, full_kl=cfg.objective == "full",
+                                h_ref=h_ref, head_ref=ref.get_output_embeddings() if h_ref is not None else None)
+            lp_s, lp_t = terms["logp_student"], terms["logp_teacher"]                        # (B, T)
+            adv = sampled_token_advantage(lp_t, lp_s)                                        # (B, T)
+            # --- 4. stabilizers that shape the advantage or the weights (section 5)
+            adv_used = adv
+            if cfg.overlong_buffer > 0:
+                adv_used = adv_used + overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_buffer)[:, None]
+            if cfg.adv_regulation != "none":
+                adv_used = regulate_advantage(adv_used, cfg.adv_regulation, cfg.adv_clip)
+            if cfg.eos_mask:
+                adv_used = eos_advantage_mask(adv_used, resp, eos)
+            weights = truncation_weights(mask, truncated, cfg.trunc_weight)                 # (B, T)
+            if cfg.objective == "full":
+                per_token = terms["kl_full"]                                                 # (B, T)
+            else:
+                per_token = sampled_token_loss(adv_used, lp_s)                               # (B, T)
+            loss_opd = aggregate_loss(per_token, weights, cfg.loss_agg, cfg.max_new_tokens)
+            loss = loss_opd
+            if cfg.ref_kl > 0:
+                loss = loss + cfg.ref_kl * aggregate_loss(terms["kl_ref"], mask, cfg.loss_agg, cfg.max_new_tokens)
+            if cfg.sft_coef > 0 and all(e.get("answer") is not None for e in batch):
+                loss = loss + cfg.sft_coef * sft_nll(student, tokenizer, batch, device)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"non-finite loss at step {step} ({loss.item()}). Lower --lr, check the models' "
+                    f"dtype (bf16 logits are upcast here), or try --adv-regulation clip. {metrics_path} "
+                    "holds every step logged so far; the student was not updated with this loss.")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+            opt.step()
+            t3 = time.time()
+            # --- 5. monitor
+            seqs = [resp[i, :lengths[i]].tolist() for i in range(resp.shape[0])]
+            mon = monitor.update(seqs, step)
+            m = {"step": step, "loss/total": loss.item(), "loss/opd": loss_opd.item(),
+                 **rollout_metrics(terms, adv, mask, lengths, truncated, seqs, eos, cfg),
+                 **{f"rollout/{k}": v for k, v in mon.items() if not k.startswith("alert/") and k != "growth"},
+                 "rollout/growth": mon["growth"], **{k: v for k, v in mon.items() if k.startswith("alert/")},
+                 **eval_m, "time/rollout_s": t1 - t0, "time/teacher_s": t2 - t1, "time/update_s": t3 - t2,
+                 "time/eval_s": t_eval, "time/tokens_per_s": float(mask.sum()) / max(t1 - t0, 1e-9)}
+            eval_m, t_eval = {}, 0.0
+            # --- 6. guard: act on an alert (restore the last healthy student, switch on Stable-OPD)
+            if cfg.guard:
+                healthy, acted = guard_step(cfg, mon, step, student, opt, healthy)
+                if acted:
+                    m["guard/acted"] = 1
+                    print(f"[guard] step {step}: restored the student of step {healthy['step']}, "
+                          f"now ref_kl={cfg.ref_kl} sft_coef={cfg.sft_coef}", flush=True)
+                    if ref is not None and cfg.ref_kl > 0:
+                        pass
+            log.write(json.dumps(m) + "\n")
+            log.flush()
+            print(f"[{method} s{cfg.seed}] step {step:4d} loss {m['loss/total']:+.4f} kl {m['kl/reverse']:.3f} "
+                  f"len {m['rollout/len_mean']:5.1f} trunc {m['rollout/trunc_rate']:.2f} rep {m['rollout/rep_rate']:.2f} "
+                  f"adv {m['adv/mean']:+.3f}" + (f" acc {m['eval/accuracy']:.3f}" if "eval/accuracy" in m else ""), flush=True)
+            if cfg.log_samples_every and step % cfg.log_samples_every == 0:
+                for i in range(2):
+                    print(f"    {batch[i]['prompt']!r} -> {tokenizer.decode(seqs[i])!r}", flush=True)
+    finally:
+        log.close()
+    if cfg.save_student:
+        student.save_pretrained(run_dir / "student")
+        tokenizer.save_pretrained(run_dir / "student")
+    return read_metrics(metrics_path)
+
+
+def token_terms(h_s, head_s, h_t, head_t, tokens, eos_id: int, temperature: float = 1.0, chunk: int = 0,
+                full_kl: bool = False, h_ref=None, head_ref=None) -> dict:
+    """Per-token quantities of the loss and the metrics, from hidden states (section 7).
+
+    Returns (B, T) tensors: logp_student (with grad), logp_teacher, p_eos_student,
+    p_eos_teacher, and kl_full = KL(p_S || p_T) (with grad) if full_kl, kl_ref =
+    KL(p_S || p_ref) (with grad) if h_ref is given. With chunk > 0 the vocabulary
+    projection and log-softmax run `chunk` positions at a time and are recomputed in the
+    backward pass, so no (B, T, V) tensor is ever alive.
+    """
+    def terms(hs, ht, hr, y):
+        lsm_s = F.log_softmax(head_s(hs).float() / temperature, -1)                     # (B, c, V)
+        lsm_t = F.log_softmax(head_t(ht).float() / temperature, -1)                     # (B, c, V)
+        out = [lsm_s.gather(-1, y[..., None]).squeeze(-1), lsm_t.gather(-1, y[..., None]).squeeze(-1),
+               lsm_s[..., eos_id].exp().detach(), lsm_t[..., eos_id].exp()]
+        out.append(full_vocab_reverse_kl(lsm_s, lsm_t) if full_kl else torch.zeros_like(out[0]))
+        if hr is not None:
+            out.append(full_vocab_reverse_kl(lsm_s, F.log_softmax(head_ref(hr).float() / temperature, -1)))
+        return tuple(out)
+
+    T = tokens.shape[1]
+    step = chunk if chunk > 0 else T
+    parts = []
+    for s in range(0, T, step):
+        args = (h_s[:, s:s + step], h_t[:, s:s + step], None if h_ref is None else h_ref[:, s:s + step], tokens[:, s:s + step])
+        if chunk > 0 and torch.is_grad_enabled() and h_s.requires_grad:
+            parts.append(checkpoint(terms, *args, use_reentrant=False))
+        else:
+            parts.append(terms(*args))
+    cols = [torch.cat(c, 1) for c in zip(*parts)]
+    names = ["logp_student", "logp_teacher", "p_eos_student", "p_eos_teacher", "kl_full", "kl_ref"]
+    out = dict(zip(names, cols))
+    out["logp_teacher"], out["p_eos_teacher"] = out["logp_teacher"].detach(), out["p_eos_teacher"].detach()
+    return out
+
+
+def rollout_metrics(terms, adv, mask, lengths, truncated, seqs, eos_id, cfg) -> dict:
+    """The paper's per-step figures from tensors the step already has (no extra forward)."""
+    n = mask.sum().clamp(min=1)
+    B, T = mask.shape
+    # tokens in the repetitive tail of a rollout judged repetitive (paper Sec. 3.5, Fig. 4)
+    rep_tok = torch.zeros_like(mask)
+    for i, s in enumerate(seqs):
+        body = s[:-1] if s and s[-1] == eos_id else s
+        if is_repetitive(body, cfg.rep_window, cfg.rep_tau):
+            rep_tok[i, max(0, len(body) - cfg.rep_window):len(body)] = 1
+    rep_tok = rep_tok * mask
+    reg_tok = mask - rep_tok
+    stopped = ~truncated
+    last = (lengths - 1).clamp(min=0)                            # position of EOS where the rollout stopped
+    idx = torch.arange(B)
+    avg = lambda x, m: (x * m).sum().item() / m.sum().item() if m.sum() > 0 else float("nan")
+    with torch.no_grad():
+        lp_s, lp_t = terms["logp_student"].detach(), terms["logp_teacher"]
+        kl_tok = terms["kl_full"].detach() if cfg.objective == "full" else -adv  # per-token reverse KL (estimate)
+        return {
+            "kl/reverse": avg(kl_tok, mask),
+            "logp/student": avg(lp_s, mask), "logp/teacher": avg(lp_t, mask), "adv/mean": avg(adv, mask),
+            "adv/repetitive": avg(adv, rep_tok), "adv/regular": avg(adv, reg_tok),
+            "adv/repetitive_frac": (rep_tok.sum() / n).item(),
+            "eos/p_student": terms["p_eos_student"][idx, last][stopped].mean().item() if stopped.any() else float("nan"),
+            "eos/p_teacher": terms["p_eos_teacher"][idx, last][stopped].mean().item() if stopped.any() else float("nan"),
+            **({"kl/ref": avg(terms["kl_ref"].detach(), mask)} if "kl_ref" in terms else {}),
+        }
+
+
+def guard_step(cfg, mon, step, student, opt, healthy):
+    """Keep a copy of the student while the monitor is quiet; on its first alert, restore the
+    last quiet copy and switch on Stable-OPD (reference KL + rollout mixture)."""
+    alerted = any(k.startswith("alert/") for k in mon)
+    if not alerted and not mon.get("trunc_rate", 0) > cfg.alert_trunc:
+        if step % 5 == 0:
+            healthy = {"step": step, "model": copy.deepcopy(student.state_dict()), "opt": copy.deepcopy(opt.state_dict())}
+        return healthy, False
+    if not alerted or healthy is None or healthy.get("acted"):
+        return healthy, False
+    student.load_state_dict(healthy["model"])
+    opt.load_state_dict(healthy["opt"])
+    cfg.ref_kl = max(cfg.ref_kl, STABLE_OPD["ref_kl"])
+    cfg.sft_coef = max(cfg.sft_coef, STABLE_OPD["sft_coef"])
+    healthy["acted"] = True
+    return healthy, True
+
+
+def read_metrics(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# =============================================================================
+# 5. Stabilizers
+# =============================================================================
+# Each is one term or one transformation of the advantage; all compose. Coefficients in
+# STABLE_OPD and METHODS were chosen by measurement (see the tutorial, section 5).
+
+def reference_kl(logp_student, logp_ref):
+    """KL(p_S || p_ref) per position, p_ref the frozen initial student (Stable-OPD's
+    divergence constraint, Luo et al. 2026 Sec. 4). Same formula as the full-vocab loss."""
+    return full_vocab_reverse_kl(logp_student, logp_ref)
+
+
+def overlong_penalty(lengths, max_len: int, buffer: int):
+    """DAPO's soft overlong penalty (Yu et al. 2025, arXiv 2503.14476, Eq. 13), added to
+    every token's advantage: 0 up to max_len - buffer, then falling linearly to -1 at max_len."""
+    return torch.clamp(-(lengths.float() - (max_len - buffer)) / buffer, max=0.0)
+
+
+def regulate_advantage(adv, mode: str, bound: float = 1.0):
+    """'log': sign(A) log(1 + |A|); 'clip': A clipped to [-bound, bound]
+    ("Demystifying On-Policy Distillation: Roles, Pathologies, and Regulations", arXiv 2607.13399)."""
+    if mode == "log":
+        return torch.sign(adv) * torch.log1p(adv.abs())
+    if mode == "clip":
+        return adv.clamp(-bound, bound)
+    raise ValueError(f"unknown adv_regulation {mode!r}; use none, log or clip")
+
+
+def eos_advantage_mask(adv, tokens, eos_id: int):
+    """Zero the advantage on EOS tokens, so the teacher's view of stopping cannot push the
+    student's EOS probability down (SimpleOPD, arXiv 2608.14277; "When EOS Tokens Disagree")."""
+    return torch.where(tokens == eos_id, torch.zeros_like(adv), adv)
+
+
+def truncation_weights(mask, truncated, weight: float):
+    """Loss weights: truncated rollouts' tokens times `weight` (0 drops them, DAPO's overlong filtering)."""
+    return mask * torch.where(truncated, weight, 1.0)[:, None]
+
+
+# Stable-OPD = reference KL + rollout mixture distillation (Luo et al. 2026, Sec. 4). The
+# paper gives no coefficients; these were picked on the default pair (tutorial, section 5).
+STABLE_OPD = {"ref_kl": 0.1, "sft_coef": 0.5}
+
+METHODS = {                       # preset -> Config overrides, applied on top of the flags
+    "opd": {},
+    "stable-opd": dict(STABLE_OPD),
+    "ref-kl": {"ref_kl": STABLE_OPD["ref_kl"]},
+    "mixture": {"sft_coef": STABLE_OPD["sft_coef"]},
+    "drop-trunc": {"trunc_weight": 0.0},
+    "overlong": {"overlong_buffer": 12},          # last quarter of the 48-token budget
+    "adv-log": {"adv_regulation": "log"},
+    "adv-clip": {"adv_regulation": "clip"},
+    "eos-mask": {"eos_mask": True},
+    "rep-penalty": {"rep_penalty": 1.3},          # CTRL's 1.2-1.3 range
+    "opd+guard": {"guard": True},
+    "full-vocab": {"objective": "full"},
+}
+
+
+# =============================================================================
+# 6. Real models: any Hugging Face causal LM pair, checked before step 0
+# =============================================================================
+
+def load_pretrained(path: str, device, dtype=None):
+    """Tokenizer and causal LM through from_pretrained, with a clear error for a bad path."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: could not load a model from {path!r}: {e}\n"
+                         "Give a folder written by save_pretrained or a hub id available offline "
+                         "(HF_HUB_OFFLINE=1 uses the local cache only).") from None
+    return tok, model.to(device)
+
+
+def check_pair(tok_s, tok_t, model_s, model_t, prompts, max_new_tokens):
+    """The checks that catch the most common real-world OPD failures before the first step."""
+    vs, vt = model_s.get_output_embeddings().weight.shape[0], model_t.get_output_embeddings().weight.shape[0]
+    probe = "The quick brown fox 123 =+ \u00e9"
+    if tok_s.get_vocab() != tok_t.get_vocab() or tok_s(probe)["input_ids"] != tok_t(probe)["input_ids"]:
+        raise SystemExit("error: student and teacher tokenizers differ (vocabularies or encodings). OPD scores the "
+                         "student's token ids with the teacher, so both must share one tokenizer. Use a pair from "
+                         "the same model family.")
+    if vs != vt:
+        raise SystemExit(f"error: output vocabulary sizes differ (student {vs}, teacher {vt}) although the tokenizers "
+                         "match; the padded embedding rows would be scored as real tokens. Use a pair with equal sizes.")
+    if tok_s.eos_token_id != tok_t.eos_token_id:
+        raise SystemExit(f"error: EOS ids differ (student {tok_s.eos_token_id}, teacher {tok_t.eos_token_id}). The teacher "
+                         "would score the student's stop token as an ordinary token and push it down: that alone causes "
+                         "length inflation. Set both tokenizers' eos_token to the token the teacher ends its turns with.")
+    if tok_s.pad_token_id is None:
+        print("[check] warning: the student tokenizer has no pad token; using EOS as pad (masks use the first EOS).")
+        tok_s.pad_token = tok_s.eos_token
+    ctx = getattr(model_s.config, "max_position_embeddings", None)
+    if ctx:
+        longest = max(len(encode_batch(tok_s, [p["prompt"]])[0][0]) for p in prompts)
+        if longest + max_new_tokens > ctx:
+            raise SystemExit(f"error: the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) exceeds "
+                             f"the student's context ({ctx}). Shorten the prompts or lower --max-new-tokens.")
+
+
+def read_prompts(path: str) -> list[dict]:
+    """JSON lines of {"prompt": str, "answer": str (optional)}; a clear error on anything else."""
+    p = Path(path)
+    if not p.is_file():
+        raise SystemExit(f"error: prompt file {path!r} does not exist")
+    rows = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"error: {path}:{n} is not valid JSON ({e.msg}); each line must be "
+                             '{"prompt": "...", "answer": "..."}') from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise SystemExit(f'error: {path}:{n} has no string "prompt" field; each line must be '
+                             '{"prompt": "...", "answer": "..." (optional)}')
+        rows.append({"prompt": row["prompt"], "answer": row.get("answer")})
+    if not rows:
+        raise SystemExit(f"error: prompt file {path!r} holds no prompts")
+    return rows
+
+
+def load_models_and_data(cfg: Config, device):
+    """Student, frozen teacher, tokenizer and the prompt source, all through from_pretrained."""
+    if cfg.max_new_tokens < 1:
+        raise SystemExit(f"error: --max-new-tokens must be at least 1 (got {cfg.max_new_tokens})")
+    if bool(cfg.teacher) != bool(cfg.student):
+        raise SystemExit("error: give both --teacher and --student, or neither (the default pair)")
+    t_path, s_path = (cfg.teacher, cfg.student) if cfg.teacher else build_default_pair(cfg)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tok_s, student = load_pretrained(s_path, device, dtype)
+    tok_t, teacher = (tok_s, copy.deepcopy(student)) if cfg.self_distill else load_pretrained(t_path, device, dtype)
+    teacher.eval().requires_grad_(False)
+    if cfg.prompts:
+        rows = read_prompts(cfg.prompts)
+        n_eval = min(cfg.eval_size, max(1, len(rows) // 8)) if len(rows) > 1 else 0
+        eval_rows, train_rows = rows[:n_eval], rows[n_eval:] or rows
+        data = {"eval": eval_rows, "sample": lambda n, rng: [rng.choice(train_rows) for _ in range(n)]}
+    else:
+        task = MotifTask(eval_size=cfg.eval_size)
+        data = {"eval": task.eval_set, "sample": task.sample}
+    check_pair(tok_s, tok_t, student, teacher, data["eval"] or [data["sample"](1, random.Random(0))[0]], cfg.max_new_tokens)
+    return student, teacher, tok_s, data
+
+
+# =============================================================================
+# 7. Scaling up: memory that does not grow with T x V
+# =============================================================================
+# token_terms (section 4) projects hidden states to the vocabulary `chunk_size` positions at
+# a time under activation checkpointing: peak memory O(B * chunk * V) instead of O(B * T * V).
+# With a 152k vocabulary, B=4 and T=1024 the unchunked float32 log-softmax alone is 2.5 GB.
+
+def loss_peak_memory(vocab=152_000, batch=4, length=1024, hidden=256, chunk=0, full_kl=True) -> dict:
+    """Peak CPU memory (MB) of one loss + backward on random hidden states (tutorial, section 7)."""
+    import resource, subprocess
+    code = (f"import torch, resource, opd; torch.manual_seed(0);"
+            f"hs=torch.randn({batch},{length},{hidden},requires_grad=True); ht=torch.randn({batch},{length},{hidden});"
+            f"Ws=torch.nn.Linear({hidden},{vocab},bias=False); Wt=torch.nn.Linear({hidden},{vocab},bias=False).requires_grad_(False);"
+            f"y=torch.randint(0,{vocab},({batch},{length})); base=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+            f"t=opd.token_terms(hs,Ws,ht,Wt,y,0,1.0,{chunk},full_kl={full_kl});"
+            f"l=(t['kl_full'] if {full_kl} else -t['logp_student']).mean(); l.backward();"
+            f"print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, float(l))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parent).stdout.split()
+    return {"base_mb": int(out[0]) / 1024, "peak_mb": int(out[1]) / 1024, "loss_mb": (int(out[1]) - int(out[0])) / 1024,
+            "loss": float(out[2])}
+
+
+# =============================================================================
+# 8. Study and exercises: methods x seeds, the table and the plots
+# =============================================================================
+
+def config_for(base: Config, method: str, seed: int) -> Config:
+    if method not in METHODS:
+        raise SystemExit(f"error: unknown method {method!r}; choose from {', '.join(METHODS)}")
+    cfg = dataclasses.replace(base, seed=seed, run_name=base.run_name if base.seeds == 1 and base.run_name else "")
+    for k, v in METHODS[method].items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def _run_job(args):
+    cfg, method = args
+    return method, cfg.seed, run_opd(cfg, method)
+
+
+def summarize(method, seed, rows) -> dict:
+    """One results.csv row: the per-seed figures of the length-inflation issue."""
+    tr = [r for r in rows if "rollout/trunc_rate" in r]
+    ev = [r for r in rows if "eval/accuracy" in r]
+    acc = [r["eval/accuracy"] for r in ev]
+    return {"method": method, "seed": seed,
+            "trunc_rate_step0": tr[0]["rollout/trunc_rate"], "trunc_rate_max": max(r["rollout/trunc_rate"] for r in tr),
+            "trunc_rate_final": tr[-1]["rollout/trunc_rate"],
+            "len_mean_step0": tr[0]["rollout/len_mean"], "len_mean_max": max(r["rollout/len_mean"] for r in tr),
+            "len_mean_final": tr[-1]["rollout/len_mean"],
+            "rep_rate_step0": tr[0]["rollout/rep_rate"], "rep_rate_max": max(r["rollout/rep_rate"] for r in tr),
+            "acc_step0": acc[0], "acc_peak": max(acc), "acc_final": acc[-1],
+            "first_alert_step": next((r["step"] for r in tr if any(k.startswith("alert/") for k in r)), ""),
+            "acc_drop_step": next((r["step"] for r in ev if r["eval/accuracy"] <= max(acc[:ev.index(r) + 1]) - 0.15), ""),
+            "guard_step": next((r["step"] for r in tr if r.get("guard/acted")), "")}
+
+
+def run_study(base: Config):
+    methods = [m.strip() for m in base.methods.split(",") if m.strip()]
+    jobs = [(config_for(base, m, base.seed + i), m) for i in range(base.seeds) for m in methods]
+    load_models_and_data(base, torch.device(base.device)) if not base.teacher else None  # build the pair once
+    t0 = time.time()
+    if base.workers > 1 and len(jobs) > 1:
+        import multiprocessing as mp
+        with mp.get_context("spawn").Pool(base.workers) as pool:
+            results = pool.map(_run_job, jobs, chunksize=1)
+    else:
+        results = [_run_job(j) for j in jobs]
+    print(f"[study] {len(jobs)} runs in {time.time() - t0:.0f}s", flush=True)
+    rows = [summarize(m, s, r) for m, s, r in results]
+    write_results(rows, Path(base.plots_dir))
+    plot_study(results, Path(base.plots_dir))
+    return rows
+
+
+def write_results(rows, out: Path):
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    cols = ["trunc_rate_max", "len_mean_max", "rep_rate_max", "acc_step0", "acc_peak", "acc_final"]
+    lines = ["| method | seeds | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
+    for m in dict.fromkeys(r["method"] for r in rows):
+        rs = [r for r in rows if r["method"] == m]
+        cell = lambda c: f"{sum(r[c] for r in rs) / len(rs):.2f} ± {_std([r[c] for r in rs]):.2f}"
+        lines.append(f"| {m} | {len(rs)} | " + " | ".join(cell(c) for c in cols) + " |")
+    (out / "results.md").write_text("Mean ± standard deviation over seeds (`python opd.py`).\n\n" + "\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+
+
+def _std(x):
+    mu = sum(x) / len(x)
+    return (sum((v - mu) ** 2 for v in x) / max(len(x) - 1, 1)) ** 0.5
+
+
+def plot_study(results, out: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(rows, key):
+        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None and not (isinstance(r[key], float) and math.isnan(r[key]))]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    def panel(ax, runs, key, color, label):
+        for i, rows in enumerate(runs):
+            ax.plot(*series(rows, key), color=color, lw=1.2, alpha=0.8, label=label if i == 0 else None)
+
+    by_method = {}
+    for m, s, rows in results:
+        by_method.setdefault(m, []).append(rows)
+    colors = dict(zip(by_method, plt.cm.tab10.colors + plt.cm.Dark2.colors))
+    out.mkdir(parents=True, exist_ok=True)
+    # the comparison: every method on shared axes
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for ax, (key, title) in zip(axes, [("rollout/len_mean", "mean rollout length"), ("rollout/trunc_rate", "truncation rate"),
+                                       ("eval/accuracy", "held-out accuracy (greedy)")]):
+        for m, runs in by_method.items():
+            panel(ax, runs, key, colors[m], m)
+        ax.set_title(title)
+        ax.set_xlabel("OPD step")
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "stabilizers.png", dpi=110)
+    plt.close(fig)
+    if "opd" not in by_method:
+        return
+    runs = by_method["opd"]
+    # paper Fig. 1: truncation, repetition, accuracy
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, key in zip(axes, ["rollout/trunc_rate", "rollout/rep_rate", "eval/accuracy"]):
+        panel(ax, runs, key, "C3", "opd")
+        if "stable-opd" in by_method:
+            panel(ax, by_method["stable-opd"], key, "C2", "stable-opd")
+        ax.set_title(key)
+        ax.set_xlabel("OPD step")
+    axes[0].legend()
+    fig.suptitle("Length inflation (one line per seed)")
+    fig.tight_layout()
+    fig.savefig(out / "fig1_inflation.png", dpi=110)
+    plt.close(fig)
+    # paper Fig. 3: log-probs, advantage, length
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    panel(axes[0], runs, "logp/student", "C0", "log p_S(y_t)")
+    panel(axes[0], runs, "logp/teacher", "C1", "log p_T(y_t)")
+    panel(axes[1], runs, "adv/mean", "C4", "mean advantage")
+    panel(axes[2], runs, "rollout/len_mean", "C3", "mean length")
+    for ax, t in zip(axes, ["log-prob of sampled tokens", "mean advantage", "mean rollout length"]):
+        ax.set_title(t)
+        ax.set_xlabel("OPD step")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "fig3_logprobs.png", dpi=110)
+    plt.close(fig)
+    # paper Fig. 4: advantage on repetitive vs regular tokens; EOS probabilities
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    panel(axes[0], runs, "adv/repetitive", "C3", "repetitive tokens")
+    panel(axes[0], runs, "adv/regular", "C0", "regular tokens")
+    panel(axes[1], runs, "adv/repetitive_frac", "C3", "repetitive fraction")
+    panel(axes[2], runs, "eos/p_student", "C0", "p_S(EOS) where it stopped")
+    panel(axes[2], runs, "eos/p_teacher", "C1", "p_T(EOS) where it stopped")
+    for ax, t in zip(axes, ["advantage by token kind", "share of repetitive tokens", "EOS probability at the stop"]):
+        ax.set_title(t)
+        ax.set_xlabel("OPD step")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "fig4_advantage.png", dpi=110)
+    plt.close(fig)
+
+
+def parse_config(argv=None) -> Config:
+    """The command line, generated from Config: --help is the documentation."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            p.add_argument(flag, type=typ, default=f.default, help=f.metadata["help"])
+    return Config(**vars(p.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    cfg = parse_config()
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA device is visible; use --device cpu")
+    try:
+        run_study(cfg)
+    except KeyboardInterrupt:
+        raise SystemExit(f"\ninterrupted: every completed step is in {cfg.out_dir}/<run>/metrics.jsonl; "
+                         "the cached model pair is intact. Rerun the same command to start over.")

@@ -78,18 +78,20 @@ class Config:
     teacher_layers: int = _f(2, "two layers: enough to count motif repeats reliably")
     teacher_width: int = _f(128, "hidden size of the teacher")
     teacher_steps: int = _f(800, "supervised steps: brings the teacher to ~0.9+ exact match")
+    teacher_free_frac: float = _f(0.5, "share of the teacher's training that is free repetition text (no count, no EOS); 0 never inflated")
     student_layers: int = _f(2, "same depth as the teacher but half the width: can learn, starts weaker")
     student_width: int = _f(64, "hidden size of the student")
-    student_steps: int = _f(120, "short supervised warm-up: a student that stops on time but often miscounts")
+    student_steps: int = _f(100, "short supervised warm-up: held-out accuracy ~0.34, often miscounts where to stop")
     pretrain_lr: float = _f(3e-3, "AdamW lr for building the pair (small models, short schedules)")
     # --- OPD
-    steps: int = _f(100, "OPD updates per run")
-    batch_size: int = _f(64, "prompts per step, one rollout each")
-    lr: float = _f(1e-3, "AdamW lr for OPD")
+    steps: int = _f(100, "OPD updates per run: inflation sets in around step 30-60 on every seed")
+    batch_size: int = _f(128, "prompts per step, one rollout each; 64 made the onset step seed-dependent")
+    lr: float = _f(1e-3, "AdamW lr for OPD; 3e-4 never inflated within 200 steps, 3e-3 collapsed to empty answers")
     temperature: float = _f(1.0, "sampling AND loss temperature; they must match for on-policy samples")
     max_new_tokens: int = _f(48, "length budget: 2.4x the longest correct answer (20 tokens)")
     objective: str = _f("sampled", "'sampled': A_t = log p_T(y_t) - log p_S(y_t), loss -A_t log p_S(y_t); 'full': KL(p_S||p_T) over the vocabulary")
     loss_agg: str = _f("token-mean", "verl's names: token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm")
+    warmup: int = _f(20, "linear lr warm-up steps: Adam's first updates are sign-like and large for a tiny model")
     grad_clip: float = _f(1.0, "global grad-norm clip, as in most RL fine-tuning recipes")
     chunk_size: int = _f(0, "positions per chunk of the loss (section 7); 0: all at once")
     # --- stabilizers (section 5); all off by default: plain OPD
@@ -217,6 +219,12 @@ class MotifTask:
     def sample(self, n: int, rng: random.Random):
         return [self.example(rng.choice(self.train_motifs), rng.choice(COUNTS)) for _ in range(n)]
 
+    def free_text(self, rng: random.Random, max_len: int = 48):
+        """'Web text' for the teacher: a motif repeated with no count and no end. A language
+        model pretrained on such text learns the habit of continuing a pattern."""
+        motif = rng.choice(self.train_motifs)
+        return {"prompt": "", "answer": " ".join((list(motif) * max_len)[:rng.randint(8, max_len)]), "eos": False}
+
 
 def build_tokenizer():
     """A real transformers tokenizer over a word-level vocabulary, with BOS/EOS/PAD."""
@@ -259,7 +267,7 @@ def supervised_batch(tokenizer, examples, device="cpu"):
     ids, labels = [], []
     for ex in examples:
         p, _ = encode_batch(tokenizer, [ex["prompt"]])
-        a = tokenizer(ex["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        a = tokenizer(ex["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] * ex.get("eos", True)
         ids.append(p[0].tolist() + a)
         labels.append([-100] * p.shape[1] + a)
     T = max(len(x) for x in ids)
@@ -278,13 +286,14 @@ def sft_nll(model, tokenizer, examples, device="cpu"):
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
 
 
-def train_supervised(model, tokenizer, task, steps, lr, rng, name, device="cpu", batch_size=64):
-    """Plain SFT on the task; progress and accuracy printed as it goes."""
+def train_supervised(model, tokenizer, task, steps, lr, rng, name, device="cpu", batch_size=64, free_frac=0.0):
+    """Plain SFT on the task (plus a `free_frac` share of free text); progress printed as it goes."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * max(0.05, 1 - s / steps))
     t0 = time.time()
     for step in range(steps):
-        loss = sft_nll(model, tokenizer, task.sample(batch_size, rng), device)
+        n_free = round(batch_size * free_frac)
+        loss = sft_nll(model, tokenizer, task.sample(batch_size - n_free, rng) + [task.free_text(rng) for _ in range(n_free)], device)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -295,50 +304,49 @@ def train_supervised(model, tokenizer, task, steps, lr, rng, name, device="cpu",
     return model
 
 
-def pair_key(cfg: Config) -> str:
-    build = {k: getattr(cfg, k) for k in ("teacher_layers", "teacher_width", "teacher_steps", "student_layers",
-                                          "student_width", "student_steps", "pretrain_lr")}
-    build["task_version"] = 1
+def model_key(cfg: Config, role: str) -> str:
+    """Cache key of one model of the default pair: every setting its build depends on."""
+    build = {k: getattr(cfg, f"{role}_{k}") for k in ("layers", "width", "steps")}
+    build.update(role=role, lr=cfg.pretrain_lr, task_version=1, free_frac=cfg.teacher_free_frac if role == "teacher" else 0)
     return hashlib.sha1(json.dumps(build, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def build_default_pair(cfg: Config) -> tuple[str, str]:
-    """Train the default pair once and save it with save_pretrained; return both folders.
+    """Train the default teacher and student once each and save them with save_pretrained.
 
-    The folder is keyed by the build configuration, so a second run reuses it and a changed
-    configuration builds a new one. Runs then load it back with from_pretrained, the path a
-    user's hub model takes.
+    Each folder is keyed by its build configuration, so a second run reuses it and a changed
+    configuration rebuilds only the model it changes. Runs then load them back with
+    from_pretrained, the path a user's hub model takes.
     """
-    root = Path(cfg.cache_dir) / f"pair-{pair_key(cfg)}"
-    t_dir, s_dir = root / "teacher", root / "student"
-    if (root / "DONE").exists():
-        return str(t_dir), str(s_dir)
-    print(f"[build] no cached pair at {root}; building it (about a minute on 2 CPU cores)", flush=True)
-    t0 = time.time()
-    torch.manual_seed(0)
-    rng = random.Random(0)
-    tokenizer = build_tokenizer()
-    task = MotifTask()
-    teacher = train_supervised(make_model(tokenizer, cfg.teacher_layers, cfg.teacher_width), tokenizer, task,
-                               cfg.teacher_steps, cfg.pretrain_lr, rng, "teacher")
-    student = train_supervised(make_model(tokenizer, cfg.student_layers, cfg.student_width), tokenizer, task,
-                               cfg.student_steps, cfg.pretrain_lr, rng, "student")
-    tmp = root.with_name(root.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for model, d in ((teacher, tmp / "teacher"), (student, tmp / "student")):
+    paths = []
+    for role in ("teacher", "student"):
+        d = Path(cfg.cache_dir) / f"{role}-{model_key(cfg, role)}"
+        paths.append(str(d))
+        if (d / "DONE").exists():
+            continue
+        print(f"[build] no cached {role} at {d}; training it (teacher ~50 s, student ~10 s on 2 CPU cores)", flush=True)
+        t0 = time.time()
+        seed = {"teacher": 0, "student": 1}[role]
+        torch.manual_seed(seed)
+        tokenizer, task = build_tokenizer(), MotifTask()
+        model = make_model(tokenizer, getattr(cfg, f"{role}_layers"), getattr(cfg, f"{role}_width"))
+        train_supervised(model, tokenizer, task, getattr(cfg, f"{role}_steps"), cfg.pretrain_lr, random.Random(seed), role,
+                         free_frac=cfg.teacher_free_frac if role == "teacher" else 0.0)
+        tmp = d.with_name(f"{d.name}.tmp{os.getpid()}")     # private: parallel builds do not collide
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.save_pretrained(d)
-        tokenizer.save_pretrained(d)
-    info = {"build_s": round(time.time() - t0, 1), "key": pair_key(cfg)}
-    for name, m in (("teacher", teacher), ("student", student)):
-        info[f"{name}_params"] = sum(p.numel() for p in m.parameters())
-        info[f"{name}_accuracy"] = evaluate(m, tokenizer, task.eval_set, cfg.max_new_tokens)["accuracy"]
-    (tmp / "pair.json").write_text(json.dumps(info, indent=1))
-    (tmp / "DONE").write_text("ok")
-    shutil.rmtree(root, ignore_errors=True)
-    tmp.rename(root)                                             # atomic: a half-built pair is never used
-    print(f"[build] pair saved to {root}: {info}", flush=True)
-    return str(t_dir), str(s_dir)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        info = {"role": role, "build_s": round(time.time() - t0, 1), "params": sum(p.numel() for p in model.parameters()),
+                "accuracy": evaluate(model, tokenizer, task.eval_set, cfg.max_new_tokens)["accuracy"]}
+        (tmp / "build.json").write_text(json.dumps(info, indent=1))
+        (tmp / "DONE").write_text("ok")
+        if (d / "DONE").exists():                               # another process finished first
+            shutil.rmtree(tmp)
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        tmp.rename(d)                                            # atomic: a half-built model is never used
+        print(f"[build] saved {d}: {info}", flush=True)
+    return paths[0], paths[1]
 
 
 # =============================================================================
@@ -506,6 +514,7 @@ def run_opd(cfg: Config, method: str = "opd"):
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     ref = copy.deepcopy(student).eval().requires_grad_(False) if cfg.ref_kl > 0 or cfg.guard else None
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)))
     monitor = LengthMonitor(eos, cfg.max_new_tokens, cfg.alert_max_len, cfg.alert_trunc, cfg.alert_rep,
                             cfg.alert_growth, window=cfg.rep_window, tau=cfg.rep_tau)
     run_dir = Path(cfg.out_dir) / (cfg.run_name or f"{method}-s{cfg.seed}")
@@ -581,6 +590,7 @@ def run_opd(cfg: Config, method: str = "opd"):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
             opt.step()
+            sched.step()
             t3 = time.time()
             # --- 5. monitor
             seqs = [resp[i, :lengths[i]].tolist() for i in range(resp.shape[0])]

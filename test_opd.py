@@ -1,0 +1,601 @@
+"""Tests of opd.py: properties of the math (hypothesis), cross-checks against independent
+implementations, stabilizers on hand-built tensors, and real runs of the command line.
+
+    pytest -q            # the whole suite, a couple of minutes on 2 CPU cores
+"""
+import copy
+import json
+import math
+import os
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import opd
+
+HERE = Path(__file__).parent
+settings.register_profile("opd", max_examples=40, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("opd")
+
+# ----------------------------------------------------------------------------- strategies
+
+@st.composite
+def logits_pair(draw, max_b=3, max_t=5, max_v=12, scale=8.0):
+    B, T, V = draw(st.integers(1, max_b)), draw(st.integers(1, max_t)), draw(st.integers(2, max_v))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    s = draw(st.floats(0.1, scale))
+    return torch.randn(B, T, V, generator=g, dtype=torch.float64) * s, torch.randn(B, T, V, generator=g, dtype=torch.float64) * s
+
+
+@st.composite
+def token_batch(draw, eos=2, vocab=6):
+    """A (B, T) batch of rollouts with any EOS placement (none, first, last, middle), pad after EOS."""
+    B, T = draw(st.integers(1, 5)), draw(st.integers(1, 10))
+    rows = []
+    for _ in range(B):
+        body = draw(st.lists(st.sampled_from([0, 1, 3, 4, 5]), min_size=T, max_size=T))
+        where = draw(st.one_of(st.none(), st.integers(0, T - 1)))
+        if where is not None:
+            body = body[:where] + [eos] + [0] * (T - where - 1)
+        rows.append(body)
+    return torch.tensor(rows)
+
+
+def hand_mask(row, eos):
+    """Plain-Python reference: tokens up to and including the first EOS."""
+    out, stopped = [], False
+    for tok in row:
+        out.append(0.0 if stopped else 1.0)
+        stopped = stopped or tok == eos
+    return out, eos not in row
+
+
+# ----------------------------------------------------------------------------- 1. objectives
+
+@given(logits_pair())
+def test_full_kl_nonnegative(pair):
+    a, b = pair
+    kl = opd.full_vocab_reverse_kl(F.log_softmax(a, -1), F.log_softmax(b, -1))
+    assert (kl >= -1e-12).all()
+
+
+@given(logits_pair())
+def test_full_kl_zero_iff_identical(pair):
+    a, b = pair
+    la, lb = F.log_softmax(a, -1), F.log_softmax(b, -1)
+    assert opd.full_vocab_reverse_kl(la, la).abs().max() < 1e-10
+    differs = (la - lb).abs().amax(-1) > 1e-3                 # distributions that differ somewhere
+    assert (opd.full_vocab_reverse_kl(la, lb)[differs] > 0).all()
+
+
+@given(logits_pair())
+def test_full_kl_matches_torch_distributions(pair):
+    a, b = pair
+    ours = opd.full_vocab_reverse_kl(F.log_softmax(a, -1), F.log_softmax(b, -1))
+    ref = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=a),
+                                            torch.distributions.Categorical(logits=b))
+    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-9)
+
+
+@given(logits_pair(max_b=1, max_t=1, max_v=8, scale=2.0))
+def test_sampled_token_estimator_is_unbiased_for_kl(pair):
+    """mean over y ~ p_S of -A(y) = log p_S(y) - log p_T(y) approaches KL(p_S || p_T)."""
+    a, b = pair
+    ls, lt = F.log_softmax(a[0, 0], -1), F.log_softmax(b[0, 0], -1)
+    n = 40_000
+    y = torch.multinomial(ls.exp(), n, replacement=True, generator=torch.Generator().manual_seed(0))
+    est = -opd.sampled_token_advantage(lt[y], ls[y])
+    exact = opd.full_vocab_reverse_kl(ls, lt)
+    assert abs(est.mean() - exact) < 6 * est.std() / math.sqrt(n) + 1e-6
+
+
+@given(logits_pair(max_b=1, max_t=1, max_v=6, scale=2.0))
+def test_sampled_token_gradient_matches_full_gradient(pair):
+    """E_y[-A(y) grad log p_S(y)] = grad KL(p_S || p_T) at one position (the score-function identity)."""
+    a, b = pair
+    lt = F.log_softmax(b[0, 0], -1)
+    theta = a[0, 0].clone().requires_grad_(True)
+    ls = F.log_softmax(theta, -1)
+    exact = torch.autograd.grad(opd.full_vocab_reverse_kl(ls, lt), theta)[0]
+    n = 40_000
+    y = torch.multinomial(ls.detach().exp(), n, replacement=True, generator=torch.Generator().manual_seed(1))
+    theta2 = a[0, 0].clone().requires_grad_(True)
+    ls2 = F.log_softmax(theta2, -1)
+    adv = opd.sampled_token_advantage(lt[y], ls2[y])
+    per = torch.stack([torch.autograd.grad(l, theta2, retain_graph=True)[0] for l in opd.sampled_token_loss(adv[:1], ls2[y][:1])])
+    # per-sample gradients in closed form: -A (onehot(y) - p), vectorised for n samples
+    p = ls2.detach().exp()
+    grads = (-adv)[:, None] * (F.one_hot(y, p.numel()).double() - p)
+    torch.testing.assert_close(per[0], grads[0])                # the closed form is the autograd gradient
+    tol = 6 * grads.std(0) / math.sqrt(n) + 1e-6
+    assert ((grads.mean(0) - exact).abs() <= tol).all()
+
+
+def direct_aggregate(loss, mask, mode, max_len):
+    """Plain-Python reference of verl's four aggregation modes."""
+    rows = [[(l, m) for l, m in zip(lr, mr)] for lr, mr in zip(loss.tolist(), mask.tolist())]
+    if mode == "token-mean":
+        return sum(l * m for r in rows for l, m in r) / max(sum(m for r in rows for _, m in r), 1e-8)
+    sums = [sum(l * m for l, m in r) for r in rows]
+    counts = [sum(m for _, m in r) for r in rows]
+    if mode == "seq-mean-token-mean":
+        per = [s / c for s, c in zip(sums, counts) if c > 0]
+        return sum(per) / len(per) if per else 0.0
+    if mode == "seq-mean-token-sum":
+        return sum(sums) / len(sums)
+    return sum(sums) / len(sums) / max_len
+
+
+MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+
+
+@given(token_batch(), st.sampled_from(MODES), st.integers(0, 1000))
+def test_aggregation_matches_python(tokens, mode, seed):
+    mask, _, _ = opd.response_mask(tokens, eos_id=2)
+    loss = torch.randn(tokens.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    got = opd.aggregate_loss(loss, mask.double(), mode, max_len=tokens.shape[1])
+    assert float(got) == pytest.approx(direct_aggregate(loss, mask, mode, tokens.shape[1]), rel=1e-9, abs=1e-12)
+
+
+@given(token_batch(), st.sampled_from(MODES), st.integers(0, 1000))
+def test_aggregation_ignores_padding(tokens, mode, seed):
+    mask, _, _ = opd.response_mask(tokens, eos_id=2)
+    g = torch.Generator().manual_seed(seed)
+    loss = torch.randn(tokens.shape, generator=g, dtype=torch.float64)
+    garbage = loss + (1 - mask.double()) * torch.randn(tokens.shape, generator=g, dtype=torch.float64) * 1e3
+    a = opd.aggregate_loss(loss, mask.double(), mode, 10)
+    b = opd.aggregate_loss(garbage, mask.double(), mode, 10)
+    assert float(a) == pytest.approx(float(b), abs=1e-9)
+
+
+def test_aggregation_unknown_mode():
+    with pytest.raises(ValueError, match="token-mean"):
+        opd.aggregate_loss(torch.zeros(1, 1), torch.ones(1, 1), "sum")
+
+
+@given(token_batch())
+def test_response_mask_matches_hand_reference(tokens):
+    mask, lengths, truncated = opd.response_mask(tokens, eos_id=2)
+    for i, row in enumerate(tokens.tolist()):
+        m, trunc = hand_mask(row, 2)
+        assert mask[i].tolist() == m
+        assert lengths[i] == sum(m)
+        assert bool(truncated[i]) == trunc
+
+
+def test_response_mask_hand_built_cases():
+    t = torch.tensor([[2, 0, 0], [4, 4, 2], [4, 4, 4], [4, 2, 2]])    # EOS first, last, absent, twice
+    mask, lengths, truncated = opd.response_mask(t, 2)
+    assert mask.tolist() == [[1, 0, 0], [1, 1, 1], [1, 1, 1], [1, 1, 0]]
+    assert lengths.tolist() == [1, 3, 3, 2] and truncated.tolist() == [False, False, True, False]
+
+
+# ----------------------------------------------------------------------------- 7. chunking & numerics
+
+def _heads(H, V, seed):
+    torch.manual_seed(seed)
+    return torch.nn.Linear(H, V, bias=False).double(), torch.nn.Linear(H, V, bias=False).double()
+
+
+@given(st.integers(1, 3), st.integers(1, 9), st.integers(2, 20), st.integers(1, 10), st.booleans(), st.integers(0, 99))
+def test_chunked_terms_equal_unchunked(B, T, V, chunk, with_ref, seed):
+    hs_, ht = _heads(4, V, seed)
+    g = torch.Generator().manual_seed(seed)
+    h_s = torch.randn(B, T, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    h_t = torch.randn(B, T, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, V, (B, T), generator=g)
+    outs = []
+    for c in (0, chunk):
+        h = h_s.detach().clone().requires_grad_(True)
+        t = opd.token_terms(h, hs_, h_t, ht, y, 1, 0.7, c, full_kl=True, h_ref=h_t if with_ref else None, head_ref=ht)
+        loss = t["kl_full"].sum() - t["logp_student"].sum() + (t["kl_ref"].sum() if with_ref else 0)
+        grad = torch.autograd.grad(loss, h)[0]
+        outs.append(({k: v.detach() for k, v in t.items()}, grad))
+    for k in outs[0][0]:
+        torch.testing.assert_close(outs[0][0][k], outs[1][0][k])
+    torch.testing.assert_close(outs[0][1], outs[1][1])
+
+
+@given(st.floats(0.05, 4.0), st.floats(1e2, 1e5), st.integers(0, 99))
+def test_temperature_log_softmax_finite_for_large_logits(temp, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(2, 7, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(7, 2, generator=g) * scale)
+    h = torch.randn(2, 3, 2, generator=g)
+    y = torch.randint(0, 7, (2, 3), generator=g)
+    t = opd.token_terms(h.requires_grad_(True), head, h, head, y, 0, temp, 2, full_kl=True)
+    for v in t.values():
+        assert torch.isfinite(v).all()
+    assert (t["logp_student"] <= 0).all()
+
+
+# ----------------------------------------------------------------------------- 3. monitor
+
+@given(st.lists(st.lists(st.integers(3, 40), min_size=0, max_size=30), min_size=1, max_size=8), st.integers(1, 30))
+def test_length_stats_equal_direct_computation(seqs, max_len):
+    seqs = [s[:max_len] for s in seqs]
+    s = opd.length_stats(seqs, eos_id=2, max_len=max_len)
+    L = [len(x) for x in seqs]
+    assert s["len_mean"] == pytest.approx(sum(L) / len(L))
+    assert s["len_max"] == max(L)
+    assert s["len_p90"] == sorted(L)[max(0, math.ceil(0.9 * len(L)) - 1)]
+    assert s["trunc_rate"] == pytest.approx(sum(len(x) == max_len for x in seqs) / len(seqs))   # ids >= 3: no EOS
+
+
+@given(st.integers(3, 60), st.integers(3, 30))
+def test_repetition_zero_without_repeats(n, window):
+    ids = list(range(100, 100 + n))                             # all distinct
+    assert opd.ngram_repetition(ids) == 0.0
+    assert not opd.is_repetitive(ids, window=min(window, n), tau=3.0)
+
+
+@given(st.lists(st.integers(3, 50), min_size=2, max_size=5, unique=True), st.integers(1, 8))
+def test_repetition_grows_with_repeats(motif, k):
+    prefix = list(range(200, 210))
+    figs = [opd.ngram_repetition(prefix + motif * r) for r in range(1, k + 3)]
+    assert figs[0] == 0.0 or len(motif) < 3
+    assert all(b >= a for a, b in zip(figs, figs[1:])) and figs[-1] > figs[0]
+
+
+def test_compression_test_flags_loops_not_answers():
+    assert opd.is_repetitive([5, 6, 7] * 10, window=24, tau=3.0)
+    assert not opd.is_repetitive([5, 6, 7] * 4, window=24, tau=3.0)          # a correct answer is short
+    rnd = random.Random(0)
+    assert not opd.is_repetitive([rnd.randrange(4, 20) for _ in range(30)], window=24, tau=3.0)
+
+
+@given(st.integers(4, 20), st.integers(8, 64), st.integers(0, 99))
+def test_monitor_quiet_on_constant_lengths(length, batch, seed):
+    rnd = random.Random(seed)
+    mon = opd.LengthMonitor(eos_id=2, max_len=48)
+    for step in range(30):
+        seqs = [rnd.sample(range(3, 40), length - 1) + [2] for _ in range(batch)]   # distinct ids, then EOS
+        out = mon.update(seqs, step)
+        assert not [k for k in out if k.startswith("alert/")]
+
+
+ALERT_WITHIN = 6   # steps: the documented reaction time of the growth alarm to sustained growth
+
+
+@given(st.integers(6, 14), st.floats(0.06, 0.3), st.integers(5, 15), st.integers(0, 99))
+def test_monitor_alerts_within_steps_of_sustained_growth(base, rate, onset, seed):
+    rnd = random.Random(seed)
+    mon = opd.LengthMonitor(eos_id=2, max_len=400)
+    fired = None
+    for step in range(onset + 40):
+        L = base if step < onset else int(base * (1 + rate) ** (step - onset + 1))
+        out = mon.update([[rnd.randrange(3, 10**6) for _ in range(L - 1)] + [2] for _ in range(16)], step)
+        if fired is None and any(k.startswith("alert/") for k in out):
+            fired = step
+    assert fired is not None and onset <= fired <= onset + ALERT_WITHIN
+
+
+def test_monitor_alert_fires_once_at_onset(capsys):
+    mon = opd.LengthMonitor(eos_id=2, max_len=10, trunc=0.2)
+    outs = [mon.update([[5] * 10] * 4, s) for s in range(3)]
+    assert outs[0].get("alert/trunc_rate") == 1 and "alert/trunc_rate" not in outs[1]
+    assert capsys.readouterr().out.count("trunc_rate") == 1
+
+
+# ----------------------------------------------------------------------------- 5. stabilizers
+
+def test_reference_kl_zero_before_first_update():
+    head, _ = _heads(4, 9, 0)
+    h = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
+    t = opd.token_terms(h, head, h.detach(), head, torch.zeros(2, 5, dtype=torch.long), 1,
+                        h_ref=h.detach(), head_ref=copy.deepcopy(head))
+    assert t["kl_ref"].abs().max() < 1e-12
+
+
+@given(token_batch(), st.integers(0, 99))
+def test_eos_mask_zeroes_exactly_eos(tokens, seed):
+    adv = torch.randn(tokens.shape, generator=torch.Generator().manual_seed(seed)) + 5.0   # never 0
+    out = opd.eos_advantage_mask(adv, tokens, 2)
+    assert ((out == 0) == (tokens == 2)).all()
+    assert (out[tokens != 2] == adv[tokens != 2]).all()
+
+
+@given(st.integers(1, 64), st.integers(1, 32), st.lists(st.integers(0, 64), min_size=1, max_size=20))
+def test_overlong_penalty_zero_then_linear(max_len, buffer, lengths):
+    buffer = min(buffer, max_len)
+    L = torch.tensor([min(l, max_len) for l in lengths])
+    pen = opd.overlong_penalty(L, max_len, buffer)
+    for l, p in zip(L.tolist(), pen.tolist()):
+        expected = 0.0 if l <= max_len - buffer else -(l - (max_len - buffer)) / buffer
+        assert p == pytest.approx(expected, abs=1e-6)
+    assert pen.min() >= -1.0 - 1e-6
+
+
+@given(token_batch(), st.sampled_from(MODES), st.integers(0, 99))
+def test_dropping_truncated_removes_exactly_their_tokens(tokens, mode, seed):
+    mask, _, truncated = opd.response_mask(tokens, 2)
+    loss = torch.randn(tokens.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    w = opd.truncation_weights(mask.double(), truncated, 0.0)
+    keep = ~truncated
+    got = opd.aggregate_loss(loss, w, mode, 10)
+    if mode in ("seq-mean-token-sum", "seq-mean-token-sum-norm"):   # zero-weight rows still count in the mean
+        ref = opd.aggregate_loss(loss * keep[:, None], mask.double(), mode, 10)
+    elif keep.any():
+        ref = opd.aggregate_loss(loss[keep], mask[keep].double(), mode, 10)
+    else:
+        ref = torch.tensor(0.0)
+    assert float(got) == pytest.approx(float(ref), abs=1e-9)
+
+
+@given(st.lists(st.floats(-50, 50), min_size=1, max_size=30), st.floats(0.1, 5))
+def test_advantage_regulation(values, bound):
+    a = torch.tensor(values, dtype=torch.float64)
+    lg = opd.regulate_advantage(a, "log")
+    assert (torch.sign(lg) == torch.sign(a)).all() and (lg.abs() <= a.abs() + 1e-12).all()
+    torch.testing.assert_close(lg, torch.sign(a) * torch.log1p(a.abs()))
+    cl = opd.regulate_advantage(a, "clip", bound)
+    assert (cl.abs() <= bound + 1e-12).all() and (cl[a.abs() <= bound] == a[a.abs() <= bound]).all()
+
+
+# ----------------------------------------------------------------------------- 2. pair & rollouts
+
+def test_tokenizer_and_model_roundtrip(tmp_path):
+    tok = opd.build_tokenizer()
+    torch.manual_seed(0)
+    model = opd.make_model(tok, 1, 16)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    tok2, model2 = opd.load_pretrained(str(tmp_path), "cpu")
+    text = "a b c x 3 ="
+    assert tok2(text)["input_ids"] == tok(text)["input_ids"] and len(tok(text)["input_ids"]) == 6
+    assert tok2.decode(tok2(text)["input_ids"], skip_special_tokens=True) == text
+    ids = torch.tensor([tok(text)["input_ids"]])
+    torch.testing.assert_close(model.eval()(ids).logits, model2.eval()(ids).logits)
+
+
+def test_rollouts_kv_cache_equals_full_recompute():
+    """Greedy decoding with the KV cache, left padding and position ids gives the same tokens
+    as recomputing the whole sequence each step without a cache."""
+    tok = opd.build_tokenizer()
+    torch.manual_seed(0)
+    model = opd.make_model(tok, 2, 32).eval()
+    ids, attn = opd.encode_batch(tok, ["a b x 2 =", "c d e f x 5 ="])
+    out = opd.sample_rollouts(model, ids, attn, 6, tok.eos_token_id, tok.pad_token_id, greedy=True)
+    seq, a = ids, attn
+    for t in range(out.shape[1]):
+        pos = (a.cumsum(-1) - 1).clamp(min=0)
+        nxt = model(input_ids=seq, attention_mask=a, position_ids=pos).logits[:, -1].argmax(-1)
+        assert nxt.tolist() == out[:, t].tolist()
+        seq, a = torch.cat([seq, nxt[:, None]], 1), torch.cat([a, torch.ones_like(a[:, :1])], 1)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+TINY = ["--teacher-width", "32", "--student-width", "16", "--teacher-steps", "30", "--student-steps", "5",
+        "--batch-size", "8", "--steps", "4", "--eval-every", "2", "--eval-size", "8", "--max-new-tokens", "12",
+        "--workers", "1", "--log-samples-every", "2"]
+
+
+def cli(*args, cwd=HERE, check=True):
+    env = dict(os.environ, PYTHONPATH=str(HERE))
+    r = subprocess.run([sys.executable, str(HERE / "opd.py"), *args], capture_output=True, text=True, cwd=cwd, env=env)
+    if check and r.returncode != 0:
+        raise AssertionError(r.stdout[-3000:] + r.stderr[-3000:])
+    return r
+
+
+@pytest.fixture(scope="session")
+def work(tmp_path_factory):
+    d = tmp_path_factory.mktemp("e2e")
+    cli(*TINY, "--methods", "opd", "--seeds", "1", "--cache-dir", str(d / "cache"), "--out-dir", str(d / "runs"),
+        "--plots-dir", str(d / "plots"))
+    return d
+
+
+def rows_of(d, name):
+    return opd.read_metrics(d / name / "metrics.jsonl")
+
+
+def test_cli_writes_every_documented_key(work):
+    rows = rows_of(work / "runs", "opd-s0")
+    keys = set().union(*rows)
+    assert set(opd.METRIC_KEYS) <= keys, set(opd.METRIC_KEYS) - keys
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    assert (work / "plots" / "results.csv").exists() and (work / "plots" / "fig1_inflation.png").exists()
+
+
+def test_cache_reused_and_rebuilt_on_change(work):
+    r = cli(*TINY, "--methods", "opd", "--seeds", "1", "--steps", "1", "--cache-dir", str(work / "cache"),
+            "--out-dir", str(work / "runs2"), "--plots-dir", str(work / "p2"))
+    assert "[build]" not in r.stdout
+    r = cli(*TINY, "--student-steps", "6", "--methods", "opd", "--seeds", "1", "--steps", "1", "--cache-dir",
+            str(work / "cache"), "--out-dir", str(work / "runs2"), "--plots-dir", str(work / "p2"))
+    assert "no cached student" in r.stdout and "no cached teacher" not in r.stdout
+
+
+def _tiny_cfg(work, **kw):
+    base = opd.parse_config(TINY + ["--cache-dir", str(work / "cache"), "--out-dir", str(work / "inproc")])
+    return opd.config_for(base, kw.pop("method", "opd"), kw.pop("seed", 0)) if not kw else \
+        opd.dataclasses.replace(opd.config_for(base, "opd", 0), **kw)
+
+
+def test_same_seed_same_metrics(work):
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+    a = opd.run_opd(_tiny_cfg(work, run_name="a"))
+    b = opd.run_opd(_tiny_cfg(work, run_name="b"))
+    c = opd.run_opd(_tiny_cfg(work, run_name="c", seed=1))
+    assert strip(a) == strip(b)
+    assert strip(a) != strip(c)
+
+
+def test_self_distillation_zero_loss_and_unchanged(work):
+    cfg = _tiny_cfg(work, run_name="self", self_distill=True, save_student=True)
+    rows = opd.run_opd(cfg)
+    assert all(abs(r["loss/total"]) < 1e-6 and abs(r["kl/reverse"]) < 1e-6 for r in rows if "loss/total" in r)
+    _, before = opd.load_pretrained(opd.build_default_pair(cfg)[1], "cpu")
+    _, after = opd.load_pretrained(str(work / "inproc" / "self" / "student"), "cpu")
+    for (n, p), (_, q) in zip(before.named_parameters(), after.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+@pytest.mark.parametrize("method", ["stable-opd", "drop-trunc", "overlong", "adv-log", "eos-mask", "rep-penalty",
+                                    "opd+guard", "full-vocab"])
+def test_every_method_runs(work, method):
+    rows = opd.run_opd(_tiny_cfg(work, method=method))
+    assert len(rows) == 5 and all(math.isfinite(r["loss/total"]) for r in rows if "loss/total" in r)
+
+
+def test_chunked_run_equals_unchunked(work):
+    strip = lambda rows: [{k: round(v, 5) for k, v in r.items() if not k.startswith("time/") and isinstance(v, float) and v == v} for r in rows]
+    a = opd.run_opd(_tiny_cfg(work, run_name="u", objective="full"))
+    b = opd.run_opd(_tiny_cfg(work, run_name="c3", objective="full", chunk_size=3))
+    assert strip(a) == strip(b)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_wrong_model_path(tmp_path):
+    r = cli("--teacher", str(tmp_path / "nope"), "--student", str(tmp_path / "nope"), "--steps", "1", check=False)
+    assert r.returncode != 0 and "could not load a model" in r.stderr
+
+
+def test_prompt_file_errors(work, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a b x 2 ="}\n{oops\n')
+    (tmp_path / "noprompt.jsonl").write_text('{"question": "a"}\n')
+    for name, msg in [("empty", "holds no prompts"), ("bad", "bad.jsonl:2 is not valid JSON"),
+                      ("noprompt", 'no string "prompt"'), ("missing", "does not exist")]:
+        r = cli(*TINY, "--prompts", str(tmp_path / f"{name}.jsonl"), "--cache-dir", str(work / "cache"),
+                "--out-dir", str(tmp_path / "r"), "--plots-dir", str(tmp_path / "p"), check=False)
+        assert r.returncode != 0 and msg in r.stderr, r.stderr[-500:]
+
+
+def test_max_new_tokens_must_be_positive(work, tmp_path):
+    r = cli(*TINY, "--max-new-tokens", "0", "--cache-dir", str(work / "cache"), "--out-dir", str(tmp_path), check=False)
+    assert r.returncode != 0 and "--max-new-tokens must be at least 1" in r.stderr
+
+
+def test_mismatched_tokenizers(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = ["<pad>", "<bos>", "<eos>", "<unk>", "zz"]
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    other = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                    unk_token="<unk>")
+    for name, t in (("s", opd.build_tokenizer()), ("t", other)):
+        m = opd.make_model(t, 1, 16)
+        m.save_pretrained(tmp_path / name)
+        t.save_pretrained(tmp_path / name)
+    r = cli("--teacher", str(tmp_path / "t"), "--student", str(tmp_path / "s"), "--steps", "1", "--out-dir",
+            str(tmp_path / "r"), check=False)
+    assert r.returncode != 0 and "tokenizers differ" in r.stderr
+
+
+def test_nan_loss_stops_cleanly_and_keeps_metrics(work, monkeypatch):
+    cfg = _tiny_cfg(work, run_name="nan")
+    opd.run_opd(cfg)                                            # a first, good run of the same name
+    good = (work / "inproc" / "nan" / "metrics.jsonl").read_text()
+    calls = {"n": 0}
+    real = opd.sampled_token_loss
+
+    def poisoned(adv, lp):
+        calls["n"] += 1
+        return real(adv, lp) * (float("nan") if calls["n"] == 3 else 1.0)
+
+    monkeypatch.setattr(opd, "sampled_token_loss", poisoned)
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 2"):
+        opd.run_opd(cfg)
+    rows = opd.read_metrics(work / "inproc" / "nan" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1]                  # every completed step, intact JSON
+    assert (work / "inproc" / "nan" / "metrics.prev.jsonl").read_text() == good   # the earlier run kept
+
+
+# ----------------------------------------------------------------------------- docs
+
+def test_tutorial_names_exist_in_opd():
+    text = (HERE / "tutorial.md").read_text()
+    names = set(re.findall(r"`([A-Za-z_][A-Za-z0-9_]*)\(\)`", text))
+    assert len(names) >= 15
+    missing = sorted(n for n in names if not hasattr(opd, n))
+    assert not missing, f"tutorial.md names functions opd.py lacks: {missing}"
+
+
+def test_tutorial_sections_match_banners():
+    banners = re.findall(r"^# (\d)\. (.+)$", (HERE / "opd.py").read_text(), re.M)
+    heads = re.findall(r"^## (\d)\. (.+)$", (HERE / "tutorial.md").read_text(), re.M)
+    assert [b[0] for b in banners] == [h[0] for h in heads] == [str(i) for i in range(1, 9)]
+    for (_, b), (_, h) in zip(banners, heads):
+        assert b.split(":")[0].strip().lower() == h.split(":")[0].strip().lower()
+
+
+# ----------------------------------------------------------------------------- 6. real models
+
+CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def bpe_tokenizer(vocab=32_000, eos="<|im_end|>"):
+    """A byte-level BPE tokenizer of a realistic vocabulary size with a chat template, built
+    locally (no download), like Qwen's: trained in ~2 s on generated syllable text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    rnd = random.Random(0)
+    syl = [a + b for a in "bcdfghjklmnprstvwz" for b in "aeiou"]
+    words = sorted({"".join(rnd.choice(syl) for _ in range(rnd.randint(1, 4))) for _ in range(60_000)})
+    corpus = [" ".join(rnd.choice(words) for _ in range(30)) for _ in range(4000)]
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token=eos, pad_token="<|endoftext|>")
+    tok.chat_template = CHAT
+    return tok
+
+
+@pytest.fixture(scope="session")
+def real_pairs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("real")
+    tok = bpe_tokenizer()
+    for arch in ("llama", "qwen2"):
+        for role, layers, width in (("student", 1, 32), ("teacher", 2, 64)):
+            torch.manual_seed(0)
+            m = opd.make_model(tok, layers, width, arch)
+            m.save_pretrained(d / arch / role)
+            tok.save_pretrained(d / arch / role)
+    rows = [{"prompt": "bada kelo mi", "answer": "sute"}, {"prompt": "zo ruka", "answer": None}] * 8
+    (d / "prompts.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return d, tok
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_real_pair_through_the_flags(real_pairs, arch, tmp_path):
+    d, tok = real_pairs
+    tok2, _ = opd.load_pretrained(str(d / arch / "student"), "cpu")
+    text = "bada kelo mi zo ruka"
+    assert tok2(text)["input_ids"] == tok(text)["input_ids"] != []     # encodings, not just loading
+    assert len(tok2) == 32_000 and tok2.chat_template
+    cli("--teacher", str(d / arch / "teacher"), "--student", str(d / arch / "student"), "--prompts",
+        str(d / "prompts.jsonl"), "--methods", "stable-opd", "--seeds", "1", "--steps", "2", "--batch-size", "4",
+        "--max-new-tokens", "8", "--eval-every", "1", "--chunk-size", "3", "--workers", "1",
+        "--out-dir", str(tmp_path / "runs"), "--plots-dir", str(tmp_path / "plots"))
+    rows = opd.read_metrics(tmp_path / "runs" / "stable-opd-s0" / "metrics.jsonl")
+    assert len(rows) == 3 and set(opd.METRIC_KEYS) - {"eval/accuracy"} <= set().union(*rows)
+
+
+def test_real_pair_eos_mismatch(real_pairs, tmp_path):
+    d, _ = real_pairs
+    other = bpe_tokenizer(eos="<|endoftext|>")
+    m = opd.make_model(other, 1, 32, "llama")
+    m.save_pretrained(tmp_path / "t")
+    other.save_pretrained(tmp_path / "t")
+    r = cli("--teacher", str(tmp_path / "t"), "--student", str(d / "llama" / "student"), "--prompts",
+            str(d / "prompts.jsonl"), "--steps", "1", "--out-dir", str(tmp_path / "r"), check=False)
+    assert r.returncode != 0 and "EOS ids differ" in r.stderr and "length inflation" in r.stderr

@@ -1035,6 +1035,22 @@ def plot_study(results, out: Path):
     fig.tight_layout()
     fig.savefig(out / "fig4_advantage.png", dpi=110)
     plt.close(fig)
+    if "opd+guard" in by_method:
+        # the guard: plain OPD vs the same seeds under --guard, with the step it acted
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for ax, key in zip(axes, ["rollout/trunc_rate", "eval/accuracy"]):
+            panel(ax, runs, key, "C3", "opd")
+            panel(ax, by_method["opd+guard"], key, "C2", "opd+guard")
+            for rows in by_method["opd+guard"]:
+                for r in rows:
+                    if r.get("guard/acted"):
+                        ax.axvline(r["step"], color="C2", ls=":", lw=1)
+            ax.set_title(key + " (dotted: guard acted)")
+            ax.set_xlabel("OPD step")
+        axes[0].legend()
+        fig.tight_layout()
+        fig.savefig(out / "guard.png", dpi=110)
+        plt.close(fig)
 
 
 def parse_config(argv=None) -> Config:

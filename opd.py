@@ -50,7 +50,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch.utils.checkpoint import checkpoint
+
+transformers.utils.logging.disable_progress_bar()       # one line per step is the log; no bars
 
 
 def _f(default, why):
@@ -783,8 +786,11 @@ METHODS = {                       # preset -> Config overrides, applied on top o
 def load_pretrained(path: str, device, dtype=None):
     """Tokenizer and causal LM through from_pretrained, with a clear error for a bad path."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()
+    local = path.startswith(("/", "./", "../", "~")) or os.path.exists(path)
+    if local and not os.path.isdir(os.path.expanduser(path)):
+        raise SystemExit(f"error: model folder {path!r} does not exist. Give a folder written by save_pretrained, "
+                         "or a hub id such as Qwen/Qwen2.5-0.5B-Instruct.")
+    path = os.path.expanduser(path)
     try:
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)

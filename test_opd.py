@@ -352,7 +352,7 @@ def test_tokenizer_and_model_roundtrip(tmp_path):
     tok.save_pretrained(tmp_path)
     tok2, model2 = opd.load_pretrained(str(tmp_path), "cpu")
     text = "a b c x 3 ="
-    assert tok2(text)["input_ids"] == tok(text)["input_ids"] and len(tok(text)["input_ids"]) == 6
+    assert tok2(text)["input_ids"] == tok(text)["input_ids"] and len(tok(text)["input_ids"]) == 7   # BOS + 6 words
     assert tok2.decode(tok2(text)["input_ids"], skip_special_tokens=True) == text
     ids = torch.tensor([tok(text)["input_ids"]])
     torch.testing.assert_close(model.eval()(ids).logits, model2.eval()(ids).logits)
@@ -366,11 +366,14 @@ def test_rollouts_kv_cache_equals_full_recompute():
     model = opd.make_model(tok, 2, 32).eval()
     ids, attn = opd.encode_batch(tok, ["a b x 2 =", "c d e f x 5 ="])
     out = opd.sample_rollouts(model, ids, attn, 6, tok.eos_token_id, tok.pad_token_id, greedy=True)
+    mask, _, _ = opd.response_mask(out, tok.eos_token_id)
     seq, a = ids, attn
     for t in range(out.shape[1]):
         pos = (a.cumsum(-1) - 1).clamp(min=0)
         nxt = model(input_ids=seq, attention_mask=a, position_ids=pos).logits[:, -1].argmax(-1)
-        assert nxt.tolist() == out[:, t].tolist()
+        live = mask[:, t].bool()                                # after EOS the rollout holds padding
+        assert nxt[live].tolist() == out[live, t].tolist()
+        assert (out[~live, t] == tok.pad_token_id).all()
         seq, a = torch.cat([seq, nxt[:, None]], 1), torch.cat([a, torch.ones_like(a[:, :1])], 1)
 
 
@@ -461,6 +464,9 @@ def test_chunked_run_equals_unchunked(work):
 
 def test_wrong_model_path(tmp_path):
     r = cli("--teacher", str(tmp_path / "nope"), "--student", str(tmp_path / "nope"), "--steps", "1", check=False)
+    assert r.returncode != 0 and "does not exist" in r.stderr
+    (tmp_path / "empty").mkdir()                                # a folder, but no model in it
+    r = cli("--teacher", str(tmp_path / "empty"), "--student", str(tmp_path / "empty"), "--steps", "1", check=False)
     assert r.returncode != 0 and "could not load a model" in r.stderr
 
 

@@ -911,7 +911,10 @@ def config_for(base: Config, method: str, seed: int) -> Config:
 
 def _run_job(args):
     cfg, method = args
-    return method, cfg.seed, run_opd(cfg, method)
+    try:
+        return method, cfg.seed, run_opd(cfg, method)
+    except SystemExit as e:                 # a worker's SystemExit would hang the pool: re-raise as an error
+        raise RuntimeError(str(e)) from None
 
 
 def summarize(method, seed, rows) -> dict:
@@ -934,9 +937,9 @@ def summarize(method, seed, rows) -> dict:
 def run_study(base: Config):
     methods = [m.strip() for m in base.methods.split(",") if m.strip()]
     jobs = [(config_for(base, m, base.seed + i), m) for i in range(base.seeds) for m in methods]
-    load_models_and_data(base, torch.device(base.device)) if not base.teacher else None  # build the pair once
+    load_models_and_data(base, torch.device(base.device))      # build or check the pair once, before any worker
     t0 = time.time()
-    if base.workers > 1 and len(jobs) > 1:
+    if base.workers > 1 and len(jobs) > 1 and not base.teacher:   # real models: one process, they fill the device
         import multiprocessing as mp
         with mp.get_context("spawn").Pool(base.workers) as pool:
             results = pool.map(_run_job, jobs, chunksize=1)

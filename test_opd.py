@@ -421,10 +421,10 @@ def test_cache_reused_and_rebuilt_on_change(work):
     assert "no cached student" in r.stdout and "no cached teacher" not in r.stdout
 
 
-def _tiny_cfg(work, **kw):
+def _tiny_cfg(work, method="opd", seed=0, **overrides):
+    """The tiny config of the command-line tests, as run_opd takes it (in-process)."""
     base = opd.parse_config(TINY + ["--cache-dir", str(work / "cache"), "--out-dir", str(work / "inproc")])
-    return opd.config_for(base, kw.pop("method", "opd"), kw.pop("seed", 0)) if not kw else \
-        opd.dataclasses.replace(opd.config_for(base, "opd", 0), **kw)
+    return opd.dataclasses.replace(opd.config_for(base, method, seed), **overrides)
 
 
 def test_same_seed_same_metrics(work):
@@ -449,7 +449,7 @@ def test_self_distillation_zero_loss_and_unchanged(work):
 @pytest.mark.parametrize("method", ["stable-opd", "drop-trunc", "overlong", "adv-log", "eos-mask", "rep-penalty",
                                     "opd+guard", "full-vocab"])
 def test_every_method_runs(work, method):
-    rows = opd.run_opd(_tiny_cfg(work, method=method))
+    rows = opd.run_opd(_tiny_cfg(work, method=method), method)
     assert len(rows) == 5 and all(math.isfinite(r["loss/total"]) for r in rows if "loss/total" in r)
 
 

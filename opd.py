@@ -633,7 +633,7 @@ def token_terms(h_s, head_s, h_t, head_t, tokens, eos_id: int, temperature: floa
                 full_kl: bool = False, h_ref=None, head_ref=None) -> dict:
     """Per-token quantities of the loss and the metrics, from hidden states (section 7).
 
-    Returns (B, T) tensors: logp_student (with grad), logp_teacher, p_eos_student,
+    Returns (B, T) tensors: logp_student (with grad unless full_kl), logp_teacher, p_eos_student,
     p_eos_teacher, and kl_full = KL(p_S || p_T) (with grad) if full_kl, kl_ref =
     KL(p_S || p_ref) (with grad) if h_ref is given. With chunk > 0 the vocabulary
     projection and log-softmax run `chunk` positions at a time and are recomputed in the
@@ -642,7 +642,10 @@ def token_terms(h_s, head_s, h_t, head_t, tokens, eos_id: int, temperature: floa
     def terms(hs, ht, hr, y):
         lsm_s = F.log_softmax(head_s(hs).float() / temperature, -1)                     # (B, c, V)
         lsm_t = F.log_softmax(head_t(ht).float() / temperature, -1)                     # (B, c, V)
-        out = [lsm_s.gather(-1, y[..., None]).squeeze(-1), lsm_t.gather(-1, y[..., None]).squeeze(-1),
+        # gather keeps its whole input for backward: give it a detached one unless this
+        # output is in the loss, or checkpointing keeps every chunk's (B, c, V) alive
+        lsm_y = lsm_s.detach() if full_kl else lsm_s
+        out = [lsm_y.gather(-1, y[..., None]).squeeze(-1), lsm_t.gather(-1, y[..., None]).squeeze(-1),
                lsm_s[..., eos_id].exp().detach(), lsm_t[..., eos_id].exp()]
         out.append(full_vocab_reverse_kl(lsm_s, lsm_t) if full_kl else torch.zeros_like(out[0]))
         if hr is not None:

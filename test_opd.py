@@ -142,8 +142,9 @@ MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-to
 def test_aggregation_matches_python(tokens, mode, seed):
     mask, _, _ = opd.response_mask(tokens, eos_id=2)
     loss = torch.randn(tokens.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    got = opd.aggregate_loss(loss, mask.double(), mode, max_len=tokens.shape[1])
-    assert float(got) == pytest.approx(direct_aggregate(loss, mask, mode, tokens.shape[1]), rel=1e-9, abs=1e-12)
+    max_len = tokens.shape[1] + seed % 7                        # the budget may exceed the longest rollout
+    got = opd.aggregate_loss(loss, mask.double(), mode, max_len=max_len)
+    assert float(got) == pytest.approx(direct_aggregate(loss, mask, mode, max_len), rel=1e-9, abs=1e-12)
 
 
 @given(token_batch(), st.sampled_from(MODES), st.integers(0, 1000))
@@ -221,7 +222,7 @@ def test_temperature_log_softmax_finite_for_large_logits(temp, scale, seed):
 
 # ----------------------------------------------------------------------------- 3. monitor
 
-@given(st.lists(st.lists(st.integers(3, 40), min_size=0, max_size=30), min_size=1, max_size=8), st.integers(1, 30))
+@given(st.lists(st.lists(st.integers(3, 40), min_size=0, max_size=30), min_size=1, max_size=40), st.integers(1, 30))
 def test_length_stats_equal_direct_computation(seqs, max_len):
     seqs = [s[:max_len] for s in seqs]
     s = opd.length_stats(seqs, eos_id=2, max_len=max_len)
@@ -250,6 +251,7 @@ def test_repetition_grows_with_repeats(motif, k):
 def test_compression_test_flags_loops_not_answers():
     assert opd.is_repetitive([5, 6, 7] * 10, window=24, tau=3.0)
     assert not opd.is_repetitive([5, 6, 7] * 4, window=24, tau=3.0)          # a correct answer is short
+    assert not opd.is_repetitive([5] * 23, window=24, tau=3.0)               # shorter than the tail: never judged
     rnd = random.Random(0)
     assert not opd.is_repetitive([rnd.randrange(4, 20) for _ in range(30)], window=24, tau=3.0)
 
@@ -290,11 +292,13 @@ def test_monitor_alert_fires_once_at_onset(capsys):
 # ----------------------------------------------------------------------------- 5. stabilizers
 
 def test_reference_kl_zero_before_first_update():
-    head, _ = _heads(4, 9, 0)
+    head, teacher_head = _heads(4, 9, 0)
     h = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
-    t = opd.token_terms(h, head, h.detach(), head, torch.zeros(2, 5, dtype=torch.long), 1,
-                        h_ref=h.detach(), head_ref=copy.deepcopy(head))
+    t = opd.token_terms(h, head, torch.randn(2, 5, 4, dtype=torch.float64), teacher_head,
+                        torch.zeros(2, 5, dtype=torch.long), 1, full_kl=True,
+                        h_ref=h.detach(), head_ref=copy.deepcopy(head))      # p_ref = the student as it starts
     assert t["kl_ref"].abs().max() < 1e-12
+    assert t["kl_full"].min() > 1e-6                            # while the teacher differs
 
 
 @given(token_batch(), st.integers(0, 99))
@@ -363,9 +367,12 @@ def test_rollouts_kv_cache_equals_full_recompute():
     as recomputing the whole sequence each step without a cache."""
     tok = opd.build_tokenizer()
     torch.manual_seed(0)
-    model = opd.make_model(tok, 2, 32).eval()
-    ids, attn = opd.encode_batch(tok, ["a b x 2 =", "c d e f x 5 ="])
-    out = opd.sample_rollouts(model, ids, attn, 6, tok.eos_token_id, tok.pad_token_id, greedy=True)
+    model = opd.make_model(tok, 2, 64).eval()
+    with torch.no_grad():                                        # large random weights: a chaotic function
+        for p in model.parameters():                             # of its input, positions included
+            p.mul_(8.0)
+    ids, attn = opd.encode_batch(tok, ["a b x 2 =", "c d e f x 5 =", "h x 1 =", "b g c x 4 ="])
+    out = opd.sample_rollouts(model, ids, attn, 12, tok.eos_token_id, tok.pad_token_id, greedy=True)
     mask, _, _ = opd.response_mask(out, tok.eos_token_id)
     seq, a = ids, attn
     for t in range(out.shape[1]):

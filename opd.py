@@ -327,7 +327,7 @@ def build_default_pair(cfg: Config) -> tuple[str, str]:
         paths.append(str(d))
         if (d / "DONE").exists():
             continue
-        print(f"[build] no cached {role} at {d}; training it (teacher ~50 s, student ~10 s on 2 CPU cores)", flush=True)
+        print(f"[build] no cached {role} at {d}; training it (teacher ~90 s, student ~5 s on 2 CPU cores)", flush=True)
         t0 = time.time()
         seed = {"teacher": 0, "student": 1}[role]
         torch.manual_seed(seed)
@@ -623,10 +623,15 @@ def run_opd(cfg: Config, method: str = "opd"):
                     print(f"    {batch[i]['prompt']!r} -> {tokenizer.decode(seqs[i])!r}", flush=True)
     finally:
         log.close()
+    rows = read_metrics(metrics_path)
+    spent = {k: sum(r.get(f"time/{k}_s", 0.0) for r in rows) for k in ("rollout", "teacher", "update", "eval")}
+    total = sum(spent.values())
+    print(f"[{method} s{cfg.seed}] time: " + ", ".join(f"{k} {v:.1f}s ({v / max(total, 1e-9):.0%})" for k, v in spent.items()),
+          flush=True)
     if cfg.save_student:
         student.save_pretrained(run_dir / "student")
         tokenizer.save_pretrained(run_dir / "student")
-    return read_metrics(metrics_path)
+    return rows
 
 
 def token_terms(h_s, head_s, h_t, head_t, tokens, eos_id: int, temperature: float = 1.0, chunk: int = 0,

@@ -460,6 +460,12 @@ def test_every_method_runs(work, method):
     assert len(rows) == 5 and all(math.isfinite(r["loss/total"]) for r in rows if "loss/total" in r)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_run(work):
+    rows = opd.run_opd(_tiny_cfg(work, run_name="cuda", device="cuda", chunk_size=4), "stable-opd")
+    assert len(rows) == 5 and all(math.isfinite(r["loss/total"]) for r in rows if "loss/total" in r)
+
+
 def test_chunked_run_equals_unchunked(work):
     strip = lambda rows: [{k: round(v, 5) for k, v in r.items() if not k.startswith("time/") and isinstance(v, float) and v == v} for r in rows]
     a = opd.run_opd(_tiny_cfg(work, run_name="u", objective="full"))

@@ -862,6 +862,11 @@ def load_models_and_data(cfg: Config, device):
     """Student, frozen teacher, tokenizer and the prompt source, all through from_pretrained."""
     if cfg.max_new_tokens < 1:
         raise SystemExit(f"error: --max-new-tokens must be at least 1 (got {cfg.max_new_tokens})")
+    if cfg.objective not in ("sampled", "full"):
+        raise SystemExit(f"error: --objective must be 'sampled' or 'full' (got {cfg.objective!r})")
+    if cfg.objective == "full" and (cfg.overlong_buffer or cfg.adv_regulation != "none" or cfg.eos_mask):
+        print("[check] warning: --overlong-buffer, --adv-regulation and --eos-mask shape the sampled-token "
+              "advantage; with --objective full they have no effect", flush=True)
     if bool(cfg.teacher) != bool(cfg.student):
         raise SystemExit("error: give both --teacher and --student, or neither (the default pair)")
     t_path, s_path = (cfg.teacher, cfg.student) if cfg.teacher else build_default_pair(cfg)
@@ -912,8 +917,10 @@ def config_for(base: Config, method: str, seed: int) -> Config:
     if method not in METHODS:
         raise SystemExit(f"error: unknown method {method!r}; choose from {', '.join(METHODS)}")
     cfg = dataclasses.replace(base, seed=seed, run_name=base.run_name if base.seeds == 1 and base.run_name else "")
-    for k, v in METHODS[method].items():
-        setattr(cfg, k, v)
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    for k, v in METHODS[method].items():          # a flag the user set wins over the preset
+        if getattr(base, k) == defaults[k]:
+            setattr(cfg, k, v)
     return cfg
 
 

@@ -478,7 +478,8 @@ def hidden_states(model, input_ids, attn):
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, examples, max_new_tokens: int, device="cpu", batch_size: int = 128):
+def evaluate(model, tokenizer, examples, max_new_tokens: int, device="cpu", batch_size: int = 128,
+             window: int = 24, tau: float = 3.0):
     """Greedy held-out exact match, with the evaluation rollouts' length/truncation/repetition."""
     was_training = model.training
     model.eval()
@@ -495,7 +496,7 @@ def evaluate(model, tokenizer, examples, max_new_tokens: int, device="cpu", batc
             if e.get("answer") is not None and not truncated[j]:
                 correct += tokenizer.decode(s[:-1], skip_special_tokens=True).strip() == e["answer"].strip()
     model.train(was_training)
-    stats = length_stats(seqs, eos, max_new_tokens)
+    stats = length_stats(seqs, eos, max_new_tokens, window, tau)
     n_ref = sum(e.get("answer") is not None for e in examples)
     return dict(stats, accuracy=correct / max(n_ref, 1))
 
@@ -535,7 +536,7 @@ def run_opd(cfg: Config, method: str = "opd"):
             # --- held-out evaluation (greedy), before the update of this step
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 t = time.time()
-                ev = evaluate(student, tokenizer, data["eval"], cfg.max_new_tokens, device)
+                ev = evaluate(student, tokenizer, data["eval"], cfg.max_new_tokens, device, window=cfg.rep_window, tau=cfg.rep_tau)
                 eval_m, t_eval = {f"eval/{k}": v for k, v in ev.items()}, time.time() - t
             if step == cfg.steps:
                 m = {"step": step, **eval_m}

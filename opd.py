@@ -896,7 +896,7 @@ def load_models_and_data(cfg: Config, device):
 
 def loss_peak_memory(vocab=152_000, batch=4, length=1024, hidden=256, chunk=0, full_kl=True) -> dict:
     """Peak CPU memory (MB) of one loss + backward on random hidden states (tutorial, section 7)."""
-    import resource, subprocess
+    import subprocess
     code = (f"import torch, resource, opd; torch.manual_seed(0);"
             f"hs=torch.randn({batch},{length},{hidden},requires_grad=True); ht=torch.randn({batch},{length},{hidden});"
             f"Ws=torch.nn.Linear({hidden},{vocab},bias=False); Wt=torch.nn.Linear({hidden},{vocab},bias=False).requires_grad_(False);"

@@ -871,14 +871,19 @@ def load_models_and_data(cfg: Config, device):
     if bool(cfg.teacher) != bool(cfg.student):
         raise SystemExit("error: give both --teacher and --student, or neither (the default pair)")
     t_path, s_path = (cfg.teacher, cfg.student) if cfg.teacher else build_default_pair(cfg)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    tok_s, student = load_pretrained(s_path, device, dtype)
-    tok_t, teacher = (tok_s, copy.deepcopy(student)) if cfg.self_distill else load_pretrained(t_path, device, dtype)
+    # The student keeps float32 master weights: bf16 weights would round away updates of
+    # lr ~1e-6. The frozen teacher needs no updates, so bf16 halves its memory on a GPU.
+    tok_s, student = load_pretrained(s_path, device, torch.float32)
+    teacher_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tok_t, teacher = (tok_s, copy.deepcopy(student)) if cfg.self_distill else load_pretrained(t_path, device, teacher_dtype)
     teacher.eval().requires_grad_(False)
     if cfg.prompts:
         rows = read_prompts(cfg.prompts)
         n_eval = min(cfg.eval_size, max(1, len(rows) // 8)) if len(rows) > 1 else 0
         eval_rows, train_rows = rows[:n_eval], rows[n_eval:] or rows
+        if cfg.sft_coef > 0 and any(r["answer"] is None for r in train_rows):
+            print("[check] warning: --sft-coef needs an \"answer\" on every prompt; steps whose batch lacks one "
+                  "skip the SFT term", flush=True)
         data = {"eval": eval_rows, "sample": lambda n, rng: [rng.choice(train_rows) for _ in range(n)]}
     else:
         task = MotifTask(eval_size=cfg.eval_size)

@@ -655,7 +655,7 @@ def token_terms(h_s, head_s, h_t, head_t, tokens, eos_id: int, temperature: floa
                lsm_s[..., eos_id].exp().detach(), lsm_t[..., eos_id].exp()]
         out.append(full_vocab_reverse_kl(lsm_s, lsm_t) if full_kl else torch.zeros_like(out[0]))
         if hr is not None:
-            out.append(full_vocab_reverse_kl(lsm_s, F.log_softmax(head_ref(hr).float() / temperature, -1)))
+            out.append(reference_kl(lsm_s, F.log_softmax(head_ref(hr).float() / temperature, -1)))
         return tuple(out)
 
     T = tokens.shape[1]

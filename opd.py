@@ -254,31 +254,36 @@ def make_model(tokenizer, layers: int, width: int, arch: str = "llama"):
     return AutoModelForCausalLM.from_config(cfg)
 
 
-def encode_batch(tokenizer, texts: list[str], device="cpu"):
-    """Left-padded prompt ids (B, P) and attention mask (B, P); chat template if the tokenizer has one."""
+def prompt_token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each prompt, unpadded; through the chat template if the tokenizer has one."""
     if getattr(tokenizer, "chat_template", None):
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
                                                add_generation_prompt=True) for t in texts]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    else:
-        enc = tokenizer(texts, return_tensors="pt", padding=True)
-    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return tokenizer(texts)["input_ids"]                        # BOS added as the tokenizer does
+
+
+def left_pad(seqs: list[list[int]], pad: int, device="cpu"):
+    """(B, T) ids left-padded with `pad` and the (B, T) attention mask: generation appends on the right."""
+    T = max(len(x) for x in seqs)
+    ids = torch.tensor([[pad] * (T - len(x)) + x for x in seqs], device=device)                 # (B, T)
+    mask = torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in seqs], device=device)       # (B, T)
+    return ids, mask
+
+
+def encode_batch(tokenizer, texts: list[str], device="cpu"):
+    """Left-padded prompt ids (B, P) and attention mask (B, P)."""
+    return left_pad(prompt_token_ids(tokenizer, texts), tokenizer.pad_token_id, device)
 
 
 def supervised_batch(tokenizer, examples, device="cpu"):
     """prompt + answer + EOS, left-padded, with labels only on answer tokens (incl. EOS)."""
-    ids, labels = [], []
-    for ex in examples:
-        p, _ = encode_batch(tokenizer, [ex["prompt"]])
-        a = tokenizer(ex["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] * ex.get("eos", True)
-        ids.append(p[0].tolist() + a)
-        labels.append([-100] * p.shape[1] + a)
-    T = max(len(x) for x in ids)
-    pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (T - len(x)) + x for x in ids], device=device)        # (B, T)
-    lab = torch.tensor([[-100] * (T - len(x)) + x for x in labels], device=device)          # (B, T)
-    attn = (torch.arange(T, device=device)[None] >= torch.tensor([T - len(x) for x in ids], device=device)[:, None]).long()
-    return input_ids, attn, lab
+    prompts = prompt_token_ids(tokenizer, [ex["prompt"] for ex in examples])
+    answers = tokenizer([ex["answer"] for ex in examples], add_special_tokens=False)["input_ids"]
+    answers = [a + [tokenizer.eos_token_id] * ex.get("eos", True) for a, ex in zip(answers, examples)]
+    input_ids, attn = left_pad([p + a for p, a in zip(prompts, answers)], tokenizer.pad_token_id, device)
+    labels, _ = left_pad([[-100] * len(p) + a for p, a in zip(prompts, answers)], -100, device)       # (B, T)
+    return input_ids, attn, labels
 
 
 def sft_nll(model, tokenizer, examples, device="cpu"):
@@ -371,6 +376,11 @@ def is_repetitive(ids, window: int, tau: float) -> bool:
     return len(ids) >= window and compression_ratio(ids[-window:]) > tau
 
 
+def strip_eos(ids, eos_id: int):
+    """The response without its final EOS (a stopped rollout's last token); repetition looks at the text."""
+    return ids[:-1] if ids and ids[-1] == eos_id else ids
+
+
 def ngram_repetition(ids, n: int = 3) -> float:
     """Fraction of the sequence's n-grams that already occurred earlier in it (0: no repeats)."""
     grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
@@ -385,7 +395,7 @@ def length_stats(seqs, eos_id: int, max_len: int, window: int = 24, tau: float =
     lengths = sorted(len(s) for s in seqs)
     n = max(len(seqs), 1)
     trunc = [len(s) > 0 and s[-1] != eos_id and len(s) >= max_len for s in seqs]
-    body = [s[:-1] if s and s[-1] == eos_id else s for s in seqs]
+    body = [strip_eos(s, eos_id) for s in seqs]
     return {
         "len_mean": sum(lengths) / n,
         "len_max": lengths[-1] if lengths else 0,
@@ -681,7 +691,7 @@ def rollout_metrics(terms, adv, mask, lengths, truncated, seqs, eos_id, cfg) -> 
     # tokens in the repetitive tail of a rollout judged repetitive (paper Sec. 3.5, Fig. 4)
     rep_tok = torch.zeros_like(mask)
     for i, s in enumerate(seqs):
-        body = s[:-1] if s and s[-1] == eos_id else s
+        body = strip_eos(s, eos_id)
         if is_repetitive(body, cfg.rep_window, cfg.rep_tau):
             rep_tok[i, max(0, len(body) - cfg.rep_window):len(body)] = 1
     rep_tok = rep_tok * mask
@@ -830,7 +840,7 @@ def check_pair(tok_s, tok_t, model_s, model_t, prompts, max_new_tokens):
         tok_s.pad_token = tok_s.eos_token
     ctx = getattr(model_s.config, "max_position_embeddings", None)
     if ctx:
-        longest = max(len(encode_batch(tok_s, [p["prompt"]])[0][0]) for p in prompts)
+        longest = max(len(ids) for ids in prompt_token_ids(tok_s, [p["prompt"] for p in prompts]))
         if longest + max_new_tokens > ctx:
             raise SystemExit(f"error: the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) exceeds "
                              f"the student's context ({ctx}). Shorten the prompts or lower --max-new-tokens.")

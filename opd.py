@@ -97,6 +97,8 @@ class Config:
     warmup: int = _f(20, "linear lr warm-up steps: Adam's first updates are sign-like and large for a tiny model")
     grad_clip: float = _f(1.0, "global grad-norm clip, as in most RL fine-tuning recipes")
     chunk_size: int = _f(0, "positions per chunk of the loss (section 7); 0: all at once")
+    length_groups: int = _f(4, "teacher/student forwards run on this many length-sorted slices of the batch, "
+                               "each cut to its longest response (section 7); 1: one padded forward")
     # --- stabilizers (section 5); all off by default: plain OPD
     ref_kl: float = _f(0.0, "beta of beta*KL(p_S || p_ref), p_ref = frozen initial student (Stable-OPD)")
     sft_coef: float = _f(0.0, "lambda of the NLL on clean reference answers of the step's prompts (rollout mixture)")
@@ -487,6 +489,26 @@ def hidden_states(model, input_ids, attn):
     return base(input_ids=input_ids, attention_mask=attn, position_ids=pos).last_hidden_state
 
 
+def response_hidden_states(model, seq, attn, P: int, groups: int = 1):
+    """Hidden states (B, T, H) that predict the T response tokens of seq = prompt (P) + response.
+
+    groups > 1: sort the rows by response length and run the model on `groups` slices, each
+    cut to its own longest response, so the padding after short responses is not computed
+    (section 7). Rows come back in their order, zeros where a row has ended.
+    """
+    T = seq.shape[1] - P
+    if groups <= 1:
+        return hidden_states(model, seq, attn)[:, P - 1:P + T - 1]                         # (B, T, H)
+    lengths = attn[:, P:].sum(-1)                                                       # (B,)
+    order = lengths.argsort()
+    parts = []
+    for rows in order.chunk(groups):
+        t = int(lengths[rows].max())
+        h = hidden_states(model, seq[rows, :P + t], attn[rows, :P + t])[:, P - 1:P + t - 1]  # (b, t, H)
+        parts.append(F.pad(h, (0, 0, 0, T - t)))                                        # (b, T, H)
+    return torch.cat(parts)[order.argsort()]                                            # (B, T, H)
+
+
 @torch.no_grad()
 def evaluate(model, tokenizer, examples, max_new_tokens: int, device="cpu", batch_size: int = 128,
              window: int = 24, tau: float = 3.0):
@@ -563,15 +585,15 @@ def run_opd(cfg: Config, method: str = "opd"):
             mask, lengths, truncated = response_mask(resp, eos)                              # (B, T)
             seq = torch.cat([p_ids, resp], 1)                                                # (B, P+T)
             attn = torch.cat([p_attn, mask.long()], 1)                                       # (B, P+T)
-            P, T = p_ids.shape[1], resp.shape[1]
+            P = p_ids.shape[1]
             t1 = time.time()
             # --- 2. the teacher scores the same tokens: one no-grad forward
             with torch.no_grad():
-                h_t = hidden_states(teacher, seq, attn)[:, P - 1:P + T - 1]                  # (B, T, H_t)
-                h_ref = hidden_states(ref, seq, attn)[:, P - 1:P + T - 1] if cfg.ref_kl > 0 else None
+                h_t = response_hidden_states(teacher, seq, attn, P, cfg.length_groups)        # (B, T, H_t)
+                h_ref = response_hidden_states(ref, seq, attn, P, cfg.length_groups) if cfg.ref_kl > 0 else None
             t2 = time.time()
             # --- 3. the student's one forward: loss and metrics both come from it
-            h_s = hidden_states(student, seq, attn)[:, P - 1:P + T - 1]                      # (B, T, H_s)
+            h_s = response_hidden_states(student, seq, attn, P, cfg.length_groups)            # (B, T, H_s)
             terms = token_terms(h_s, student.get_output_embeddings(), h_t, teacher.get_output_embeddings(),
                                 resp, eos, cfg.temperature, cfg.chunk_size, full_kl=cfg.objective == "full",
                                 h_ref=h_ref, head_ref=ref.get_output_embeddings() if h_ref is not None else None)

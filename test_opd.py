@@ -384,6 +384,36 @@ def test_rollouts_kv_cache_equals_full_recompute():
         seq, a = torch.cat([seq, nxt[:, None]], 1), torch.cat([a, torch.ones_like(a[:, :1])], 1)
 
 
+_GROUP_MODEL = {}
+
+
+@given(st.integers(1, 9), st.integers(1, 10), st.integers(1, 12), st.integers(0, 99))
+def test_length_groups_equal_one_padded_forward(B, T, groups, seed):
+    """Length-sorted slices give the one padded forward's hidden states, and its gradients,
+    on every response position; rows keep their order."""
+    if not _GROUP_MODEL:
+        tok = opd.build_tokenizer()
+        torch.manual_seed(0)
+        _GROUP_MODEL["m"] = opd.make_model(tok, 2, 16).double()
+    model = _GROUP_MODEL["m"]
+    g = torch.Generator().manual_seed(seed)
+    P = 3
+    lengths = torch.randint(1, T + 1, (B,), generator=g)                    # every response has >= 1 token
+    seq = torch.randint(4, 15, (B, P + T), generator=g)
+    attn = torch.cat([torch.ones(B, P, dtype=torch.long), (torch.arange(T) < lengths[:, None]).long()], 1)
+    mask = attn[:, P:, None].double()                                         # (B, T, 1)
+    w = torch.randn(B, T, 16, generator=g, dtype=torch.float64)
+    outs = []
+    for k in (1, groups):
+        model.zero_grad()
+        h = opd.response_hidden_states(model, seq, attn, P, k)
+        (h * w * mask).sum().backward()
+        outs.append(((h * mask).detach(), [p.grad.clone() for p in model.model.parameters()]))
+    torch.testing.assert_close(outs[0][0], outs[1][0])
+    for a, b in zip(outs[0][1], outs[1][1]):
+        torch.testing.assert_close(a, b)
+
+
 # ----------------------------------------------------------------------------- end to end
 
 TINY = ["--teacher-width", "32", "--student-width", "16", "--teacher-steps", "30", "--student-steps", "5",

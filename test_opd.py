@@ -283,10 +283,22 @@ def test_monitor_alerts_within_steps_of_sustained_growth(base, rate, onset, seed
 
 
 def test_monitor_alert_fires_once_at_onset(capsys):
-    mon = opd.LengthMonitor(eos_id=2, max_len=10, trunc=0.2)
-    outs = [mon.update([[5] * 10] * 4, s) for s in range(3)]
-    assert outs[0].get("alert/trunc_rate") == 1 and "alert/trunc_rate" not in outs[1]
+    mon = opd.LengthMonitor(eos_id=2, max_len=10, trunc=0.2, patience=2)
+    outs = [mon.update([[5] * 10] * 4, s) for s in range(4)]
+    assert [o.get("alert/trunc_rate") for o in outs] == [None, 1, None, None]   # held 2 steps, then said once
     assert capsys.readouterr().out.count("trunc_rate") == 1
+
+
+@given(st.integers(1, 4), st.integers(0, 99))
+def test_monitor_needs_patience_consecutive_steps(patience, seed):
+    """A truncation spike shorter than `patience` steps never alerts; one of `patience` steps does."""
+    rnd = random.Random(seed)
+    ok = lambda: [[rnd.randrange(3, 10**6) for _ in range(5)] + [2] for _ in range(8)]
+    mon = opd.LengthMonitor(eos_id=2, max_len=10, trunc=0.2, patience=patience)
+    steps = [ok() for _ in range(5)] + [[[5] * 10] * 8] * (patience - 1) + [ok()]     # spike of patience-1 steps
+    steps += [[[5] * 10] * 8] * patience                                              # then one of patience steps
+    fired = [s for s, seqs in enumerate(steps) if "alert/trunc_rate" in mon.update(seqs, s)]
+    assert fired == [len(steps) - 1]
 
 
 # ----------------------------------------------------------------------------- 5. stabilizers

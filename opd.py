@@ -87,7 +87,7 @@ class Config:
     student_steps: int = _f(100, "short supervised warm-up: held-out accuracy ~0.34, often miscounts where to stop")
     pretrain_lr: float = _f(3e-3, "AdamW lr for building the pair (small models, short schedules)")
     # --- OPD
-    steps: int = _f(80, "OPD updates per run: inflation sets in around step 30-50 on every seed")
+    steps: int = _f(80, "OPD updates per run: inflation sets in between steps 35 and 60 on every seed")
     batch_size: int = _f(128, "prompts per step, one rollout each; 64 made the onset step seed-dependent")
     lr: float = _f(1e-3, "AdamW lr for OPD; 3e-4 never inflated within 200 steps, 3e-3 collapsed to empty answers")
     temperature: float = _f(1.0, "sampling AND loss temperature; they must match for on-policy samples")

@@ -98,7 +98,7 @@ class Config:
     grad_clip: float = _f(1.0, "global grad-norm clip, as in most RL fine-tuning recipes")
     chunk_size: int = _f(0, "positions per chunk of the loss (section 7); 0: all at once")
     length_groups: int = _f(4, "teacher/student forwards run on this many length-sorted slices of the batch, "
-                               "each cut to its longest response (section 7); 1: one padded forward")
+                               "each cut to its longest response (section 7); 1: one forward padded to the longest")
     # --- stabilizers (section 5); all off by default: plain OPD
     ref_kl: float = _f(0.0, "beta of beta*KL(p_S || p_ref), p_ref = frozen initial student (Stable-OPD)")
     sft_coef: float = _f(0.0, "lambda of the NLL on clean reference answers of the step's prompts (rollout mixture)")
@@ -504,13 +504,11 @@ def hidden_states(model, input_ids, attn):
 def response_hidden_states(model, seq, attn, P: int, groups: int = 1):
     """Hidden states (B, T, H) that predict the T response tokens of seq = prompt (P) + response.
 
-    groups > 1: sort the rows by response length and run the model on `groups` slices, each
-    cut to its own longest response, so the padding after short responses is not computed
+    The rows are sorted by response length and the model runs on `groups` slices, each cut
+    to its own longest response, so the padding after short responses is not computed
     (section 7). Rows come back in their order, zeros where a row has ended.
     """
     T = seq.shape[1] - P
-    if groups <= 1:
-        return hidden_states(model, seq, attn)[:, P - 1:P + T - 1]                         # (B, T, H)
     lengths = attn[:, P:].sum(-1)                                                       # (B,)
     order = lengths.argsort()
     parts = []

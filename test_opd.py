@@ -416,9 +416,12 @@ def test_length_groups_equal_one_padded_forward(B, T, groups, seed):
     mask = attn[:, P:, None].double()                                         # (B, T, 1)
     w = torch.randn(B, T, 16, generator=g, dtype=torch.float64)
     outs = []
-    for k in (1, groups):
+    for k in (None, groups):                                                  # None: one padded forward
         model.zero_grad()
-        h = opd.response_hidden_states(model, seq, attn, P, k)
+        if k is None:
+            h = opd.hidden_states(model, seq, attn)[:, P - 1:P + T - 1]
+        else:
+            h = opd.response_hidden_states(model, seq, attn, P, k)
         (h * w * mask).sum().backward()
         outs.append(((h * mask).detach(), [p.grad.clone() for p in model.model.parameters()]))
     torch.testing.assert_close(outs[0][0], outs[1][0])

@@ -467,22 +467,25 @@ def sample_rollouts(model, prompt_ids, prompt_mask, max_new_tokens: int, eos_id:
     out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, use_cache=True)
     cache, logits = out.cache, out.logits[:, -1].float()         # (b, V)
     live = torch.arange(B, device=prompt_ids.device)             # (b,) batch index of each live row
-    seen = torch.zeros_like(logits, dtype=torch.bool)            # (b, V) tokens already generated
+    penalize = rep_penalty != 1.0
+    seen = torch.zeros_like(logits, dtype=torch.bool) if penalize else None   # (b, V) tokens already generated
     tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=prompt_ids.device)
     t = -1
     for t in range(max_new_tokens):
-        if rep_penalty != 1.0:
+        if penalize:
             logits = torch.where(seen, torch.where(logits > 0, logits / rep_penalty, logits * rep_penalty), logits)
         if greedy:
             nxt = logits.argmax(-1)                              # (b,)
         else:
             nxt = torch.multinomial(F.softmax(logits / temperature, -1), 1).squeeze(-1)  # (b,)
         tokens[live, t] = nxt
-        seen[torch.arange(len(nxt)), nxt] = True
+        if penalize:
+            seen[torch.arange(len(nxt)), nxt] = True
         going = nxt != eos_id                                    # (b,)
         if not going.all():                                      # drop the rows that just ended
             keep = going.nonzero().squeeze(-1)
-            live, nxt, attn, pos, seen = live[keep], nxt[keep], attn[keep], pos[keep], seen[keep]
+            live, nxt, attn, pos = live[keep], nxt[keep], attn[keep], pos[keep]
+            seen = seen[keep] if penalize else None
             cache.batch_select_indices(keep)
         if len(live) == 0 or t == max_new_tokens - 1:
             break

@@ -4,6 +4,7 @@ implementations, stabilizers on hand-built tensors, and real runs of the command
     pytest -q            # the whole suite, a couple of minutes on 2 CPU cores
 """
 import copy
+import functools
 import json
 import math
 import os
@@ -396,18 +397,17 @@ def test_rollouts_kv_cache_equals_full_recompute():
         seq, a = torch.cat([seq, nxt[:, None]], 1), torch.cat([a, torch.ones_like(a[:, :1])], 1)
 
 
-_GROUP_MODEL = {}
+@functools.lru_cache(maxsize=1)
+def _small_model():
+    torch.manual_seed(0)
+    return opd.make_model(opd.build_tokenizer(), 2, 16).double()
 
 
 @given(st.integers(1, 9), st.integers(1, 10), st.integers(1, 12), st.integers(0, 99))
 def test_length_groups_equal_one_padded_forward(B, T, groups, seed):
     """Length-sorted slices give the one padded forward's hidden states, and its gradients,
     on every response position; rows keep their order."""
-    if not _GROUP_MODEL:
-        tok = opd.build_tokenizer()
-        torch.manual_seed(0)
-        _GROUP_MODEL["m"] = opd.make_model(tok, 2, 16).double()
-    model = _GROUP_MODEL["m"]
+    model = _small_model()
     g = torch.Generator().manual_seed(seed)
     P = 3
     lengths = torch.randint(1, T + 1, (B,), generator=g)                    # every response has >= 1 token
@@ -415,17 +415,17 @@ def test_length_groups_equal_one_padded_forward(B, T, groups, seed):
     attn = torch.cat([torch.ones(B, P, dtype=torch.long), (torch.arange(T) < lengths[:, None]).long()], 1)
     mask = attn[:, P:, None].double()                                         # (B, T, 1)
     w = torch.randn(B, T, 16, generator=g, dtype=torch.float64)
-    outs = []
-    for k in (None, groups):                                                  # None: one padded forward
+
+    def run(forward):
         model.zero_grad()
-        if k is None:
-            h = opd.hidden_states(model, seq, attn)[:, P - 1:P + T - 1]
-        else:
-            h = opd.response_hidden_states(model, seq, attn, P, k)
-        (h * w * mask).sum().backward()
-        outs.append(((h * mask).detach(), [p.grad.clone() for p in model.model.parameters()]))
-    torch.testing.assert_close(outs[0][0], outs[1][0])
-    for a, b in zip(outs[0][1], outs[1][1]):
+        h = forward() * mask
+        (h * w).sum().backward()
+        return h.detach(), [p.grad.clone() for p in model.model.parameters()]
+
+    h_pad, g_pad = run(lambda: opd.hidden_states(model, seq, attn)[:, P - 1:P + T - 1])   # one padded forward
+    h_grp, g_grp = run(lambda: opd.response_hidden_states(model, seq, attn, P, groups))
+    torch.testing.assert_close(h_pad, h_grp)
+    for a, b in zip(g_pad, g_grp):
         torch.testing.assert_close(a, b)
 
 

@@ -70,7 +70,8 @@ class Config:
     seed: int = _f(0, "first seed; the only source of randomness (torch and the task sampler)")
     run_name: str = _f("", "run folder name under out_dir; empty: '<method>-s<seed>'")
     out_dir: str = _f("runs", "each run writes out_dir/<run_name>/metrics.jsonl")
-    plots_dir: str = _f("plots", "study figures, results.csv and results.md go here")
+    plots_dir: str = _f("", "study figures, results.csv, results.md; empty: plots/ for the default study, "
+                            "<out_dir>/plots for any other, so a one-off run never overwrites the committed figures")
     device: str = _f("cpu", "'cpu' or 'cuda'; the default pair is small enough for a CPU")
     workers: int = _f(2, "parallel processes for the study (2 cores here: 2 single-threaded runs beat 1 two-threaded)")
     # --- model pair (empty paths: build the default pair of section 2)
@@ -85,6 +86,8 @@ class Config:
     student_layers: int = _f(2, "same depth as the teacher but half the width: can learn, starts weaker")
     student_width: int = _f(64, "hidden size of the student")
     student_steps: int = _f(100, "short supervised warm-up: held-out accuracy ~0.34, often miscounts where to stop")
+    student_free_frac: float = _f(0.0, "free text in the student's warm-up; 0.5 with 250 steps gives a student OPD improves "
+                                       "without inflating (tutorial, section 4)")
     pretrain_lr: float = _f(3e-3, "AdamW lr for building the pair (small models, short schedules)")
     # --- OPD
     steps: int = _f(80, "OPD updates per run: inflation sets in between steps 35 and 60 on every seed")
@@ -319,7 +322,8 @@ def train_supervised(model, tokenizer, task, steps, lr, rng, name, device="cpu",
 def model_key(cfg: Config, role: str) -> str:
     """Cache key of one model of the default pair: every setting its build depends on."""
     build = {k: getattr(cfg, f"{role}_{k}") for k in ("layers", "width", "steps")}
-    build.update(role=role, lr=cfg.pretrain_lr, task_version=1, free_frac=cfg.teacher_free_frac if role == "teacher" else 0)
+    free = getattr(cfg, f"{role}_free_frac") or 0               # 0 as an int: existing student caches keep their key
+    build.update(role=role, lr=cfg.pretrain_lr, task_version=1, free_frac=free)
     return hashlib.sha1(json.dumps(build, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -343,7 +347,7 @@ def build_default_pair(cfg: Config) -> tuple[str, str]:
         tokenizer, task = build_tokenizer(), MotifTask()
         model = make_model(tokenizer, getattr(cfg, f"{role}_layers"), getattr(cfg, f"{role}_width"))
         train_supervised(model, tokenizer, task, getattr(cfg, f"{role}_steps"), cfg.pretrain_lr, random.Random(seed), role,
-                         free_frac=cfg.teacher_free_frac if role == "teacher" else 0.0)
+                         free_frac=getattr(cfg, f"{role}_free_frac"))
         tmp = d.with_name(f"{d.name}.tmp{os.getpid()}")     # private: parallel builds do not collide
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.save_pretrained(tmp)
@@ -1000,6 +1004,16 @@ def summarize(method, seed, rows) -> dict:
             "guard_step": next((r["step"] for r in tr if r.get("guard/acted")), "")}
 
 
+def study_plots_dir(cfg: Config) -> Path:
+    """--plots-dir if given; plots/ for the default study (the committed figures); for any
+    other setting <out_dir>/plots, so `--methods opd --seeds 1` does not overwrite them."""
+    if cfg.plots_dir:
+        return Path(cfg.plots_dir)
+    neutral = {"workers", "threads", "device", "out_dir", "cache_dir", "plots_dir", "log_samples_every"}
+    changed = [f.name for f in dataclasses.fields(Config) if f.name not in neutral and getattr(cfg, f.name) != f.default]
+    return Path(cfg.out_dir) / "plots" if changed else Path("plots")
+
+
 def run_study(base: Config):
     methods = [m.strip() for m in base.methods.split(",") if m.strip()]
     jobs = [(config_for(base, m, base.seed + i), m) for i in range(base.seeds) for m in methods]
@@ -1013,8 +1027,10 @@ def run_study(base: Config):
         results = [_run_job(j) for j in jobs]
     print(f"[study] {len(jobs)} runs in {time.time() - t0:.0f}s", flush=True)
     rows = [summarize(m, s, r) for m, s, r in results]
-    write_results(rows, Path(base.plots_dir))
-    plot_study(results, Path(base.plots_dir))
+    out = study_plots_dir(base)
+    write_results(rows, out)
+    plot_study(results, out)
+    print(f"[study] table and figures in {out}/", flush=True)
     return rows
 
 

@@ -590,6 +590,22 @@ def test_tutorial_names_exist_in_opd():
     assert not missing, f"tutorial.md names functions opd.py lacks: {missing}"
 
 
+def test_documented_flags_exist():
+    text = (HERE / "tutorial.md").read_text() + (HERE / "README.md").read_text()
+    flags = set(re.findall(r"(?<![\w-])--([a-z][a-z0-9-]*)", text))
+    assert {"teacher-free-frac", "student-free-frac", "alert-patience"} <= flags     # the pattern finds them
+    known = {f.name.replace("_", "-") for f in opd.dataclasses.fields(opd.Config)}
+    assert not flags - known - {"help"}, f"the docs name flags opd.py lacks: {sorted(flags - known)}"
+
+
+def test_study_plots_dir_keeps_committed_figures():
+    assert opd.study_plots_dir(opd.Config()) == Path("plots")
+    assert opd.study_plots_dir(opd.Config(workers=1, threads=2)) == Path("plots")      # same results
+    assert opd.study_plots_dir(opd.Config(methods="opd", seeds=1)) == Path("runs") / "plots"
+    assert opd.study_plots_dir(opd.Config(lr=3e-4, out_dir="r")) == Path("r") / "plots"
+    assert opd.study_plots_dir(opd.Config(methods="opd", plots_dir="p")) == Path("p")
+
+
 def test_tutorial_sections_match_banners():
     banners = re.findall(r"^# (\d)\. (.+)$", (HERE / "opd.py").read_text(), re.M)
     heads = re.findall(r"^## (\d)\. (.+)$", (HERE / "tutorial.md").read_text(), re.M)

@@ -322,8 +322,7 @@ def train_supervised(model, tokenizer, task, steps, lr, rng, name, device="cpu",
 def model_key(cfg: Config, role: str) -> str:
     """Cache key of one model of the default pair: every setting its build depends on."""
     build = {k: getattr(cfg, f"{role}_{k}") for k in ("layers", "width", "steps")}
-    free = getattr(cfg, f"{role}_free_frac") or 0               # 0 as an int: existing student caches keep their key
-    build.update(role=role, lr=cfg.pretrain_lr, task_version=1, free_frac=free)
+    build.update(role=role, lr=cfg.pretrain_lr, task_version=1, free_frac=getattr(cfg, f"{role}_free_frac"))
     return hashlib.sha1(json.dumps(build, sort_keys=True).encode()).hexdigest()[:10]
 
 

@@ -64,8 +64,8 @@ def _f(default, why):
 @dataclass
 class Config:
     # --- what to run
-    methods: str = _f("opd,stable-opd,ref-kl,mixture,drop-trunc,overlong,adv-log,eos-mask,rep-penalty,opd+guard,full-vocab",
-                      "comma-separated presets from METHODS; each runs on every seed")
+    methods: str = _f("opd,stable-opd,sft-only,opd+guard", "comma-separated presets from METHODS, each run on every "
+                      "seed; 'all': every preset (the whole comparison, sections 5 and 8)")
     seeds: int = _f(3, "number of seeds per method (seed, seed+1, ...)")
     seed: int = _f(0, "first seed; the only source of randomness (torch and the task sampler)")
     run_name: str = _f("", "run folder name under out_dir; empty: '<method>-s<seed>'")
@@ -81,27 +81,32 @@ class Config:
     cache_dir: str = _f(".cache", "the default pair is saved here, in a folder keyed by its configuration")
     teacher_layers: int = _f(2, "two layers: enough to count motif repeats reliably")
     teacher_width: int = _f(128, "hidden size of the teacher")
-    teacher_steps: int = _f(800, "supervised steps: brings the teacher to ~0.9+ exact match")
+    teacher_steps: int = _f(800, "supervised steps: held-out exact match 0.84 greedy, 0.82 sampled")
     teacher_free_frac: float = _f(0.5, "share of the teacher's training that is free repetition text (no count, no EOS); 0 never inflated")
+    teacher_overrun_frac: float = _f(0.15, "share of over-run text: counted prompts whose text runs on past k repeats "
+                                           "(no loss on the first 2 extra), so deep loops become absorbing; 0.3 forgot to stop")
     student_layers: int = _f(2, "same depth as the teacher but half the width: can learn, starts weaker")
     student_width: int = _f(64, "hidden size of the student")
-    student_steps: int = _f(100, "short supervised warm-up: held-out accuracy ~0.34, often miscounts where to stop")
+    student_steps: int = _f(400, "SFT warm-up on the gold set: held-out accuracy 0.55; more SFT on the same set adds little")
     student_free_frac: float = _f(0.0, "free text in the student's warm-up; 0.5 with 250 steps gives a student OPD improves "
                                        "without inflating (tutorial, section 4)")
+    gold_size: int = _f(256, "reference solutions in the fixed gold set (the student's warm-up, --sft-coef); "
+                             "0: every prompt's own answer. 512 took the student past the teacher")
     pretrain_lr: float = _f(3e-3, "AdamW lr for building the pair (small models, short schedules)")
     # --- OPD
-    steps: int = _f(80, "OPD updates per run: inflation sets in between steps 35 and 60 on every seed")
+    steps: int = _f(400, "OPD updates per run: learning by ~150, inflation between ~270 and ~350 (tutorial, section 4)")
     batch_size: int = _f(128, "prompts per step, one rollout each; 64 made the onset step seed-dependent")
-    lr: float = _f(1e-3, "AdamW lr for OPD; 3e-4 never inflated within 200 steps, 3e-3 collapsed to empty answers")
+    lr: float = _f(1e-3, "AdamW lr for OPD; 2e-3 and 1.5e-3 collapsed before learning (tutorial, section 4)")
     temperature: float = _f(1.0, "sampling AND loss temperature; they must match for on-policy samples")
     max_new_tokens: int = _f(48, "length budget: 2.4x the longest correct answer (20 tokens)")
     objective: str = _f("sampled", "'sampled': A_t = log p_T(y_t) - log p_S(y_t), loss -A_t log p_S(y_t); 'full': KL(p_S||p_T) over the vocabulary")
     loss_agg: str = _f("token-mean", "verl's names: token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm")
-    warmup: int = _f(20, "linear lr warm-up steps: Adam's first updates are sign-like and large for a tiny model")
+    warmup: int = _f(50, "linear lr warm-up steps; 20 let one seed in four collapse before it learned")
     grad_clip: float = _f(1.0, "global grad-norm clip, as in most RL fine-tuning recipes")
     chunk_size: int = _f(0, "positions per chunk of the loss (section 7); 0: all at once")
     length_groups: int = _f(4, "teacher/student forwards run on this many length-sorted slices of the batch, "
                                "each cut to its longest response (section 7); 1: one forward padded to the longest")
+    opd_coef: float = _f(1.0, "weight of the OPD term; 0 with --sft-coef is the sft-only control")
     # --- stabilizers (section 5); all off by default: plain OPD
     ref_kl: float = _f(0.0, "beta of beta*KL(p_S || p_ref), p_ref = frozen initial student (Stable-OPD)")
     sft_coef: float = _f(0.0, "lambda of the NLL on clean reference answers of the step's prompts (rollout mixture)")
@@ -122,7 +127,7 @@ class Config:
     alert_patience: int = _f(2, "an alert fires once its condition held this many consecutive steps (1 step: "
                                 "a stable-opd seed's single batch at repetition 0.11 was an alarm)")
     # --- evaluation and logging
-    eval_every: int = _f(10, "greedy held-out evaluation every N steps")
+    eval_every: int = _f(20, "held-out evaluation (greedy and sampled) every N steps")
     eval_size: int = _f(256, "held-out prompts: standard error of the accuracy ~0.03")
     log_samples_every: int = _f(50, "print a few decoded rollouts every N steps")
     threads: int = _f(1, "torch threads per process (set on purpose; see --workers)")
@@ -235,6 +240,22 @@ class MotifTask:
         motif = rng.choice(self.train_motifs)
         return {"prompt": "", "answer": " ".join((list(motif) * max_len)[:rng.randint(8, max_len)]), "eos": False}
 
+    def overrun_text(self, rng: random.Random, max_len: int = 48, free_repeats: int = 2):
+        """A counted prompt whose text runs on past k repeats and never ends. No loss on the
+        answer and on the first `free_repeats` extra repeats (`skip`), so the teacher still
+        stops at k and keeps its doubt one or two repeats later; deeper in, continuing is all
+        it saw. Real LMs do this: the longer a loop, the likelier its next repeat (Xu et al.
+        2022, "Learning to Break the Loop", arXiv 2206.02369)."""
+        motif, k = rng.choice(self.train_motifs), rng.choice(COUNTS)
+        n = len(motif) * (k + free_repeats)
+        return {"prompt": " ".join(motif) + f" x {k} =", "eos": False, "skip": n,
+                "answer": " ".join((list(motif) * max_len)[:rng.randint(n + 1, max(n + 1, max_len))])}
+
+    def gold_set(self, n: int, seed: int = 7):
+        """The fixed set of n reference solutions: the only gold data the student's warm-up,
+        the rollout mixture and `sft-only` see (the teacher grades any prompt)."""
+        return self.sample(n, random.Random(seed))
+
 
 def build_tokenizer():
     """A real transformers tokenizer over a word-level vocabulary, with BOS/EOS/PAD."""
@@ -289,7 +310,8 @@ def supervised_batch(tokenizer, examples, device="cpu"):
     answers = tokenizer([ex["answer"] for ex in examples], add_special_tokens=False)["input_ids"]
     answers = [a + [tokenizer.eos_token_id] * ex.get("eos", True) for a, ex in zip(answers, examples)]
     input_ids, attn = left_pad([p + a for p, a in zip(prompts, answers)], tokenizer.pad_token_id, device)
-    labels, _ = left_pad([[-100] * len(p) + a for p, a in zip(prompts, answers)], -100, device)       # (B, T)
+    labels, _ = left_pad([[-100] * (len(p) + ex.get("skip", 0)) + a[ex.get("skip", 0):]
+                          for p, a, ex in zip(prompts, answers, examples)], -100, device)                # (B, T)
     return input_ids, attn, labels
 
 
@@ -301,14 +323,13 @@ def sft_nll(model, tokenizer, examples, device="cpu"):
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
 
 
-def train_supervised(model, tokenizer, task, steps, lr, rng, name, device="cpu", batch_size=64, free_frac=0.0):
-    """Plain SFT on the task (plus a `free_frac` share of free text); progress printed as it goes."""
+def train_supervised(model, tokenizer, draw, steps, lr, rng, name, device="cpu", batch_size=64):
+    """Plain SFT on batches from `draw(n, rng)` (a list of examples); progress printed as it goes."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * max(0.05, 1 - s / steps))
     t0 = time.time()
     for step in range(steps):
-        n_free = round(batch_size * free_frac)
-        loss = sft_nll(model, tokenizer, task.sample(batch_size - n_free, rng) + [task.free_text(rng) for _ in range(n_free)], device)
+        loss = sft_nll(model, tokenizer, draw(batch_size, rng), device)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -319,10 +340,45 @@ def train_supervised(model, tokenizer, task, steps, lr, rng, name, device="cpu",
     return model
 
 
+def pretraining_mix(task: MotifTask, cfg: Config, role: str):
+    """What each model of the default pair is trained on, as draw(n, rng) -> examples.
+
+    Teacher: the task, free text (the pattern-continuing habit) and over-run text (loops
+    that deepen). Student: the fixed gold set (--gold-size; 0: fresh task samples), i.e. an
+    SFT checkpoint on the reference solutions OPD's stabilizers may also use.
+    """
+    free, overrun = getattr(cfg, f"{role}_free_frac"), cfg.teacher_overrun_frac if role == "teacher" else 0.0
+    gold = task.gold_set(cfg.gold_size) if role == "student" and cfg.gold_size else None
+
+    def draw(n, rng):
+        n_free, n_over = round(n * free), round(n * overrun)
+        main = [rng.choice(gold) for _ in range(n - n_free - n_over)] if gold else task.sample(n - n_free - n_over, rng)
+        return main + [task.free_text(rng) for _ in range(n_free)] + [task.overrun_text(rng) for _ in range(n_over)]
+    return draw
+
+
+@torch.no_grad()
+def loop_eos_profile(model, tokenizer, examples, depths=range(-1, 6)) -> dict:
+    """Mean p(EOS) after k + d repeats of the motif (d = 0: the correct stop; d > 0: inside a
+    loop). A teacher whose p(EOS) falls with d makes loops absorbing (tutorial, section 2)."""
+    out = {}
+    for d in depths:
+        rows = [(e["prompt"], e["prompt"].split()[:-3], int(e["prompt"].split()[-2])) for e in examples]  # motif, k
+        rows = [(p, motif * (k + d)) for p, motif, k in rows if k + d > 0]
+        prompts = prompt_token_ids(tokenizer, [p for p, _ in rows])
+        answers = tokenizer([" ".join(a) for _, a in rows], add_special_tokens=False)["input_ids"]
+        ids, attn = left_pad([p + a for p, a in zip(prompts, answers)], tokenizer.pad_token_id)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, -1].float()   # (B, V)
+        out[d] = round(F.softmax(logits, -1)[:, tokenizer.eos_token_id].mean().item(), 3)
+    return out
+
+
 def model_key(cfg: Config, role: str) -> str:
     """Cache key of one model of the default pair: every setting its build depends on."""
-    build = {k: getattr(cfg, f"{role}_{k}") for k in ("layers", "width", "steps")}
-    build.update(role=role, lr=cfg.pretrain_lr, task_version=1, free_frac=getattr(cfg, f"{role}_free_frac"))
+    build = {k: getattr(cfg, f"{role}_{k}") for k in ("layers", "width", "steps", "free_frac")}
+    build.update(role=role, lr=cfg.pretrain_lr, task_version=2)
+    build.update(overrun_frac=cfg.teacher_overrun_frac) if role == "teacher" else build.update(gold_size=cfg.gold_size)
     return hashlib.sha1(json.dumps(build, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -345,14 +401,17 @@ def build_default_pair(cfg: Config) -> tuple[str, str]:
         torch.manual_seed(seed)
         tokenizer, task = build_tokenizer(), MotifTask()
         model = make_model(tokenizer, getattr(cfg, f"{role}_layers"), getattr(cfg, f"{role}_width"))
-        train_supervised(model, tokenizer, task, getattr(cfg, f"{role}_steps"), cfg.pretrain_lr, random.Random(seed), role,
-                         free_frac=getattr(cfg, f"{role}_free_frac"))
+        train_supervised(model, tokenizer, pretraining_mix(task, cfg, role), getattr(cfg, f"{role}_steps"),
+                         cfg.pretrain_lr, random.Random(seed), role)
         tmp = d.with_name(f"{d.name}.tmp{os.getpid()}")     # private: parallel builds do not collide
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         info = {"role": role, "build_s": round(time.time() - t0, 1), "params": sum(p.numel() for p in model.parameters()),
-                "accuracy": evaluate(model, tokenizer, task.eval_set, cfg.max_new_tokens)["accuracy"]}
+                "accuracy": evaluate(model, tokenizer, task.eval_set, cfg.max_new_tokens)["accuracy"],
+                "accuracy_sampled": evaluate(model, tokenizer, task.eval_set, cfg.max_new_tokens, temperature=1.0,
+                                             generator=torch.Generator().manual_seed(0))["accuracy"],
+                "p_eos_by_depth": loop_eos_profile(model, tokenizer, task.eval_set)}
         (tmp / "build.json").write_text(json.dumps(info, indent=1))
         (tmp / "DONE").write_text("ok")
         if (d / "DONE").exists():                               # another process finished first
@@ -459,7 +518,7 @@ class LengthMonitor:
 
 @torch.no_grad()
 def sample_rollouts(model, prompt_ids, prompt_mask, max_new_tokens: int, eos_id: int, pad_id: int,
-                    temperature: float = 1.0, greedy: bool = False, rep_penalty: float = 1.0):
+                    temperature: float = 1.0, greedy: bool = False, rep_penalty: float = 1.0, generator=None):
     """Sample responses with a KV cache: pure sampling at `temperature` (no top-k/top-p, so
     the samples come from the distribution the loss assumes). Returns (B, T<=max_new_tokens)
     tokens, padded with pad_id after EOS. `rep_penalty` > 1 is the CTRL penalty (off-policy).
@@ -480,7 +539,7 @@ def sample_rollouts(model, prompt_ids, prompt_mask, max_new_tokens: int, eos_id:
         if greedy:
             nxt = logits.argmax(-1)                              # (b,)
         else:
-            nxt = torch.multinomial(F.softmax(logits / temperature, -1), 1).squeeze(-1)  # (b,)
+            nxt = torch.multinomial(F.softmax(logits / temperature, -1), 1, generator=generator).squeeze(-1)  # (b,)
         tokens[live, t] = nxt
         if penalize:
             seen[torch.arange(len(nxt)), nxt] = True
@@ -525,10 +584,17 @@ def response_hidden_states(model, seq, attn, P: int, groups: int = 1):
     return torch.cat(parts)[order.argsort()]                                            # (B, T, H)
 
 
+def exact_match(tokenizer, ids, answer) -> bool:
+    """A response (token ids, EOS included if it stopped) equals the reference answer as text."""
+    return bool(ids) and ids[-1] == tokenizer.eos_token_id and \
+        tokenizer.decode(ids[:-1], skip_special_tokens=True).strip() == answer.strip()
+
+
 @torch.no_grad()
 def evaluate(model, tokenizer, examples, max_new_tokens: int, device="cpu", batch_size: int = 128,
-             window: int = 24, tau: float = 3.0):
-    """Greedy held-out exact match, with the evaluation rollouts' length/truncation/repetition."""
+             window: int = 24, tau: float = 3.0, temperature: float = 0.0, generator=None):
+    """Held-out exact match, with the rollouts' length/truncation/repetition figures.
+    temperature 0: greedy decoding; > 0: samples at that temperature (the policy OPD trains)."""
     was_training = model.training
     model.eval()
     seqs, correct = [], 0
@@ -536,13 +602,12 @@ def evaluate(model, tokenizer, examples, max_new_tokens: int, device="cpu", batc
     for i in range(0, len(examples), batch_size):
         batch = examples[i:i + batch_size]
         ids, attn = encode_batch(tokenizer, [e["prompt"] for e in batch], device)
-        toks = sample_rollouts(model, ids, attn, max_new_tokens, eos, tokenizer.pad_token_id, greedy=True)
-        _, lengths, truncated = response_mask(toks, eos)
+        toks = sample_rollouts(model, ids, attn, max_new_tokens, eos, tokenizer.pad_token_id, temperature or 1.0,
+                               greedy=temperature == 0, generator=generator)
+        _, lengths, _ = response_mask(toks, eos)
         for j, e in enumerate(batch):
-            s = toks[j, :lengths[j]].tolist()
-            seqs.append(s)
-            if e.get("answer") is not None and not truncated[j]:
-                correct += tokenizer.decode(s[:-1], skip_special_tokens=True).strip() == e["answer"].strip()
+            seqs.append(toks[j, :lengths[j]].tolist())
+            correct += e.get("answer") is not None and exact_match(tokenizer, seqs[-1], e["answer"])
     model.train(was_training)
     stats = length_stats(seqs, eos, max_new_tokens, window, tau)
     n_ref = sum(e.get("answer") is not None for e in examples)
@@ -552,8 +617,9 @@ def evaluate(model, tokenizer, examples, max_new_tokens: int, device="cpu", batc
 METRIC_KEYS = [  # documented in the tutorial, section 3; a test checks every run logs them all
     "step", "loss/total", "loss/opd", "kl/reverse", "rollout/len_mean", "rollout/len_max", "rollout/len_p90",
     "rollout/trunc_rate", "rollout/rep_rate", "rollout/ngram_rep", "logp/student", "logp/teacher", "adv/mean",
-    "adv/repetitive", "adv/regular", "adv/repetitive_frac", "eos/p_student", "eos/p_teacher", "eval/accuracy",
-    "eval/len_mean", "eval/len_max", "eval/trunc_rate", "eval/rep_rate", "eval/ngram_rep", "time/rollout_s",
+    "adv/repetitive", "adv/regular", "adv/repetitive_frac", "eos/p_student", "eos/p_teacher", "eos/teacher_lower_frac", "eval/accuracy",
+    "eval/len_mean", "eval/len_max", "eval/trunc_rate", "eval/rep_rate", "eval/ngram_rep", "eval/accuracy_sampled",
+    "rollout/accuracy", "time/rollout_s",
     "time/teacher_s", "time/update_s", "time/eval_s", "time/tokens_per_s"]
 
 
@@ -561,8 +627,10 @@ def run_opd(cfg: Config, method: str = "opd"):
     """One OPD run: sample, score, update, monitor; writes out_dir/<run_name>/metrics.jsonl."""
     torch.manual_seed(cfg.seed)                                  # the one seed
     rng = random.Random(cfg.seed)
+    gold_rng = random.Random(f"gold-{cfg.seed}")                  # own streams: every method sees the same prompts
     torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
+    eval_gen = torch.Generator(device).manual_seed(cfg.seed)
     student, teacher, tokenizer, data = load_models_and_data(cfg, device)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     ref = copy.deepcopy(student).eval().requires_grad_(False) if cfg.ref_kl > 0 or cfg.guard else None
@@ -581,10 +649,12 @@ def run_opd(cfg: Config, method: str = "opd"):
     eval_m, t_eval = {}, 0.0
     try:
         for step in range(cfg.steps + 1):
-            # --- held-out evaluation (greedy), before the update of this step
+            # --- held-out evaluation, greedy and sampled, before the update of this step
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 t = time.time()
                 ev = evaluate(student, tokenizer, data["eval"], cfg.max_new_tokens, device, window=cfg.rep_window, tau=cfg.rep_tau)
+                ev["accuracy_sampled"] = evaluate(student, tokenizer, data["eval"], cfg.max_new_tokens, device,
+                                                  temperature=cfg.temperature, generator=eval_gen)["accuracy"]
                 eval_m, t_eval = {f"eval/{k}": v for k, v in ev.items()}, time.time() - t
             if step == cfg.steps:
                 m = {"step": step, **eval_m}
@@ -629,11 +699,12 @@ def run_opd(cfg: Config, method: str = "opd"):
             else:
                 per_token = sampled_token_loss(adv_used, lp_s)                               # (B, T)
             loss_opd = aggregate_loss(per_token, weights, cfg.loss_agg, cfg.max_new_tokens)
-            loss = loss_opd
+            loss = cfg.opd_coef * loss_opd
             if cfg.ref_kl > 0:
                 loss = loss + cfg.ref_kl * aggregate_loss(terms["kl_ref"], mask, cfg.loss_agg, cfg.max_new_tokens)
-            if cfg.sft_coef > 0 and all(e.get("answer") is not None for e in batch):
-                loss = loss + cfg.sft_coef * sft_nll(student, tokenizer, batch, device)
+            if cfg.sft_coef > 0:                 # rollout mixture: B reference solutions from the fixed gold set
+                gold = [gold_rng.choice(data["gold"]) for _ in batch] if data["gold"] else batch
+                loss = loss + cfg.sft_coef * sft_nll(student, tokenizer, gold, device)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"non-finite loss at step {step} ({loss.item()}). Lower --lr, check the models' "
@@ -648,7 +719,9 @@ def run_opd(cfg: Config, method: str = "opd"):
             # --- 5. monitor
             seqs = [resp[i, :lengths[i]].tolist() for i in range(resp.shape[0])]
             mon = monitor.update(seqs, step)
+            graded = [(s, e["answer"]) for s, e in zip(seqs, batch) if e.get("answer") is not None]
             m = {"step": step, "loss/total": loss.item(), "loss/opd": loss_opd.item(),
+                 "rollout/accuracy": sum(exact_match(tokenizer, s, a) for s, a in graded) / len(graded) if graded else float("nan"),
                  **rollout_metrics(terms, adv, mask, lengths, truncated, seqs, eos, cfg),
                  **{f"rollout/{k}": v for k, v in mon.items() if not k.startswith("alert/") and k != "growth"},
                  "rollout/growth": mon["growth"], **{k: v for k, v in mon.items() if k.startswith("alert/")},
@@ -748,6 +821,8 @@ def rollout_metrics(terms, adv, mask, lengths, truncated, seqs, eos_id, cfg) -> 
             "adv/repetitive_frac": (rep_tok.sum() / n).item(),
             "eos/p_student": terms["p_eos_student"][idx, last][stopped].mean().item() if stopped.any() else float("nan"),
             "eos/p_teacher": terms["p_eos_teacher"][idx, last][stopped].mean().item() if stopped.any() else float("nan"),
+            "eos/teacher_lower_frac": (terms["p_eos_teacher"][idx, last] < terms["p_eos_student"][idx, last])[stopped]
+                                      .float().mean().item() if stopped.any() else float("nan"),
             **({"kl/ref": avg(terms["kl_ref"].detach(), mask)} if "kl_ref" in terms else {}),
         }
 
@@ -822,6 +897,7 @@ STABLE_OPD = {"ref_kl": 0.1, "sft_coef": 2.0}
 
 METHODS = {                       # preset -> Config overrides, applied on top of the flags
     "opd": {},
+    "sft-only": {"opd_coef": 0.0, "sft_coef": STABLE_OPD["sft_coef"]},   # the control: the mixture's NLL alone
     "stable-opd": dict(STABLE_OPD),
     "ref-kl": {"ref_kl": STABLE_OPD["ref_kl"]},
     "mixture": {"sft_coef": STABLE_OPD["sft_coef"]},
@@ -929,13 +1005,14 @@ def load_models_and_data(cfg: Config, device):
         rows = read_prompts(cfg.prompts)
         n_eval = min(cfg.eval_size, max(1, len(rows) // 8)) if len(rows) > 1 else 0
         eval_rows, train_rows = rows[:n_eval], rows[n_eval:] or rows
-        if cfg.sft_coef > 0 and any(r["answer"] is None for r in train_rows):
-            print("[check] warning: --sft-coef needs an \"answer\" on every prompt; steps whose batch lacks one "
-                  "skip the SFT term", flush=True)
-        data = {"eval": eval_rows, "sample": lambda n, rng: [rng.choice(train_rows) for _ in range(n)]}
+        gold = [r for r in train_rows if r["answer"] is not None][:cfg.gold_size or None]
+        if cfg.sft_coef > 0 and not gold:
+            raise SystemExit(f"error: --sft-coef needs reference answers, and no training prompt in {cfg.prompts} has an "
+                             '"answer" field. Add answers or set --sft-coef 0.')
+        data = {"eval": eval_rows, "sample": lambda n, rng: [rng.choice(train_rows) for _ in range(n)], "gold": gold}
     else:
         task = MotifTask(eval_size=cfg.eval_size)
-        data = {"eval": task.eval_set, "sample": task.sample}
+        data = {"eval": task.eval_set, "sample": task.sample, "gold": task.gold_set(cfg.gold_size) if cfg.gold_size else None}
     check_pair(tok_s, tok_t, student, teacher, data["eval"] or [data["sample"](1, random.Random(0))[0]], cfg.max_new_tokens)
     return student, teacher, tok_s, data
 
@@ -986,21 +1063,33 @@ def _run_job(args):
         raise RuntimeError(str(e)) from None
 
 
+def first_step(rows, key, above: float):
+    """The first step whose `key` exceeds `above` ('' if none): e.g. the take-off, truncation > 0.3."""
+    return next((r["step"] for r in rows if r.get(key, -math.inf) > above), "")
+
+
 def summarize(method, seed, rows) -> dict:
-    """One results.csv row: the per-seed figures of the length-inflation issue."""
+    """One results.csv row: per-seed figures of the learning phase, the collapse and the alerts."""
     tr = [r for r in rows if "rollout/trunc_rate" in r]
     ev = [r for r in rows if "eval/accuracy" in r]
-    acc = [r["eval/accuracy"] for r in ev]
+    acc, acc_s = [r["eval/accuracy"] for r in ev], [r["eval/accuracy_sampled"] for r in ev]
+    takeoff = first_step(tr, "rollout/trunc_rate", 0.3)
+    alert = next((r["step"] for r in tr if any(k.startswith("alert/") for k in r)), "")
+    guard = next((r["step"] for r in tr if r.get("guard/acted")), "")
     return {"method": method, "seed": seed,
+            "acc_step0": acc[0], "acc_peak": max(acc), "acc_peak_step": ev[acc.index(max(acc))]["step"], "acc_final": acc[-1],
+            "acc_sampled_step0": acc_s[0], "acc_sampled_peak": max(acc_s), "acc_sampled_final": acc_s[-1],
             "trunc_rate_step0": tr[0]["rollout/trunc_rate"], "trunc_rate_max": max(r["rollout/trunc_rate"] for r in tr),
             "trunc_rate_final": tr[-1]["rollout/trunc_rate"],
+            "quiet_steps": first_step(tr, "rollout/trunc_rate", 0.05) or len(tr),    # steps before truncation > 0.05
+            "takeoff_step": takeoff,                                                  # truncation first > 0.3
             "len_mean_step0": tr[0]["rollout/len_mean"], "len_mean_max": max(r["rollout/len_mean"] for r in tr),
             "len_mean_final": tr[-1]["rollout/len_mean"],
             "rep_rate_step0": tr[0]["rollout/rep_rate"], "rep_rate_max": max(r["rollout/rep_rate"] for r in tr),
-            "acc_step0": acc[0], "acc_peak": max(acc), "acc_final": acc[-1],
-            "first_alert_step": next((r["step"] for r in tr if any(k.startswith("alert/") for k in r)), ""),
-            "acc_drop_step": next((r["step"] for r in ev if r["eval/accuracy"] <= max(acc[:ev.index(r) + 1]) - 0.15), ""),
-            "guard_step": next((r["step"] for r in tr if r.get("guard/acted")), "")}
+            "rep_rate_final": tr[-1]["rollout/rep_rate"],
+            "first_alert_step": alert, "alert_lead": takeoff - alert if takeoff != "" and alert != "" else "",
+            "guard_step": guard,
+            "trunc_after_guard": max((r["rollout/trunc_rate"] for r in tr if r["step"] > guard), default="") if guard != "" else ""}
 
 
 def study_plots_dir(cfg: Config) -> Path:
@@ -1014,7 +1103,7 @@ def study_plots_dir(cfg: Config) -> Path:
 
 
 def run_study(base: Config):
-    methods = [m.strip() for m in base.methods.split(",") if m.strip()]
+    methods = list(METHODS) if base.methods == "all" else [m.strip() for m in base.methods.split(",") if m.strip()]
     jobs = [(config_for(base, m, base.seed + i), m) for i in range(base.seeds) for m in methods]
     load_models_and_data(base, torch.device(base.device))      # build or check the pair once, before any worker
     t0 = time.time()
@@ -1033,18 +1122,21 @@ def run_study(base: Config):
     return rows
 
 
+TABLE_COLS = ["acc_step0", "acc_peak", "acc_final", "acc_sampled_step0", "acc_sampled_peak", "acc_sampled_final",
+              "trunc_rate_max", "rep_rate_max", "len_mean_max"]
+
+
 def write_results(rows, out: Path):
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    cols = ["trunc_rate_max", "len_mean_max", "rep_rate_max", "acc_step0", "acc_peak", "acc_final"]
-    lines = ["| method | seeds | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
+    lines = ["| method | seeds | " + " | ".join(TABLE_COLS) + " |", "|" + "---|" * (len(TABLE_COLS) + 2)]
     for m in dict.fromkeys(r["method"] for r in rows):
         rs = [r for r in rows if r["method"] == m]
         cell = lambda c: f"{sum(r[c] for r in rs) / len(rs):.2f} ± {_std([r[c] for r in rs]):.2f}"
-        lines.append(f"| {m} | {len(rs)} | " + " | ".join(cell(c) for c in cols) + " |")
+        lines.append(f"| {m} | {len(rs)} | " + " | ".join(cell(c) for c in TABLE_COLS) + " |")
     (out / "results.md").write_text("Mean ± standard deviation over seeds (`python opd.py`).\n\n" + "\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
 
@@ -1060,52 +1152,83 @@ def plot_study(results, out: Path):
     import matplotlib.pyplot as plt
 
     def series(rows, key):
-        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None and not (isinstance(r[key], float) and math.isnan(r[key]))]
+        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and r[key] == r[key]]
         return [p[0] for p in pts], [p[1] for p in pts]
 
-    def panel(ax, runs, key, color, label):
+    def band(ax, runs, key, color, label):
+        """Mean over seeds at the steps every seed logged, with the min-max band of the seeds."""
+        pts = [dict(zip(*series(rows, key))) for rows in runs]
+        steps = sorted(set.intersection(*(set(p) for p in pts)))
+        vals = [[p[s] for p in pts] for s in steps]
+        ax.plot(steps, [sum(v) / len(v) for v in vals], color=color, lw=1.6, label=label)
+        if len(runs) > 1:
+            ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], color=color, alpha=0.2, lw=0)
+
+    def lines(ax, runs, key, color, label):
         for i, rows in enumerate(runs):
-            ax.plot(*series(rows, key), color=color, lw=1.2, alpha=0.8, label=label if i == 0 else None)
+            ax.plot(*series(rows, key), color=color, lw=1.1, alpha=0.8, label=label if i == 0 else None)
 
     by_method = {}
     for m, s, rows in results:
         by_method.setdefault(m, []).append(rows)
-    colors = dict(zip(by_method, plt.cm.tab10.colors + plt.cm.Dark2.colors))
+    palette = iter(c for c in plt.cm.tab10.colors + plt.cm.Dark2.colors if c not in plt.cm.tab10.colors[:5])
+    colors = {m: {"opd": "C3", "stable-opd": "C2", "sft-only": "C0", "opd+guard": "C4"}.get(m) or next(palette) for m in by_method}
+    takeoffs = [first_step(rows, "rollout/trunc_rate", 0.3) for rows in by_method.get("opd", [])]
     out.mkdir(parents=True, exist_ok=True)
-    # the comparison: every method on shared axes
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for ax, (key, title) in zip(axes, [("rollout/len_mean", "mean rollout length"), ("rollout/trunc_rate", "truncation rate"),
-                                       ("eval/accuracy", "held-out accuracy (greedy)")]):
-        for m, runs in by_method.items():
-            panel(ax, runs, key, colors[m], m)
+    # the headline: plain OPD against Stable-OPD and the SFT control, mean over seeds with the seeds' range
+    head = [m for m in ("opd", "stable-opd", "sft-only") if m in by_method] or list(by_method)[:3]
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.2), sharex=True)
+    for ax, (key, title) in zip(axes, [("eval/accuracy", "held-out accuracy, greedy"),
+                                       ("eval/accuracy_sampled", "held-out accuracy, sampled (T of the loss)"),
+                                       ("rollout/trunc_rate", "truncation rate (rollouts)"), ("rollout/rep_rate", "repetition rate (rollouts)")]):
+        for m in head:
+            band(ax, by_method[m], key, colors[m], m)
+        for i, t in enumerate(x for x in takeoffs if x != ""):
+            ax.axvline(t, color="C3", ls=":", lw=0.9, label="opd take-off (truncation > 0.3), per seed" if i == 0 else None)
         ax.set_title(title)
         ax.set_xlabel("OPD step")
-    axes[0].legend(fontsize=7, ncol=2)
+        ax.set_ylim(-0.02, 1.02)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("OPD learns, then its rollouts inflate and it collapses (mean over seeds, band: range of the seeds)")
+    fig.tight_layout()
+    fig.savefig(out / "fig1_inflation.png", dpi=110)
+    plt.close(fig)
+    # every method: one panel each (accuracy and truncation), then final accuracy per method
+    n = len(by_method) + 1
+    cols = min(n, 4)
+    fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(4.2 * cols, 3.2 * ((n + cols - 1) // cols)), squeeze=False)
+    axes = axes.ravel()
+    for ax, (m, runs) in zip(axes, by_method.items()):
+        band(ax, runs, "eval/accuracy", "C0", "accuracy (greedy)")
+        band(ax, runs, "rollout/trunc_rate", "C3", "truncation rate")
+        ax.set_title(m)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("OPD step")
+    axes[0].legend(fontsize=8)
+    bar = axes[len(by_method)]
+    for i, (m, runs) in enumerate(by_method.items()):
+        finals = [series(rows, "eval/accuracy")[1][-1] for rows in runs]
+        bar.bar(i, sum(finals) / len(finals), color=colors[m], alpha=0.7)
+        bar.plot([i] * len(finals), finals, "k.", ms=5)
+    start = series(next(iter(by_method.values()))[0], "eval/accuracy")[1][0]
+    bar.axhline(start, color="gray", ls="--", lw=1, label="step 0")
+    bar.set_xticks(range(len(by_method)), list(by_method), rotation=60, ha="right", fontsize=8)
+    bar.set_title("final accuracy (bar: mean, dots: seeds)")
+    bar.legend(fontsize=8)
+    for ax in axes[n:]:
+        ax.axis("off")
     fig.tight_layout()
     fig.savefig(out / "stabilizers.png", dpi=110)
     plt.close(fig)
     if "opd" not in by_method:
         return
     runs = by_method["opd"]
-    # paper Fig. 1: truncation, repetition, accuracy
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, key in zip(axes, ["rollout/trunc_rate", "rollout/rep_rate", "eval/accuracy"]):
-        panel(ax, runs, key, "C3", "opd")
-        if "stable-opd" in by_method:
-            panel(ax, by_method["stable-opd"], key, "C2", "stable-opd")
-        ax.set_title(key)
-        ax.set_xlabel("OPD step")
-    axes[0].legend()
-    fig.suptitle("Length inflation (one line per seed)")
-    fig.tight_layout()
-    fig.savefig(out / "fig1_inflation.png", dpi=110)
-    plt.close(fig)
     # paper Fig. 3: log-probs, advantage, length
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    panel(axes[0], runs, "logp/student", "C0", "log p_S(y_t)")
-    panel(axes[0], runs, "logp/teacher", "C1", "log p_T(y_t)")
-    panel(axes[1], runs, "adv/mean", "C4", "mean advantage")
-    panel(axes[2], runs, "rollout/len_mean", "C3", "mean length")
+    lines(axes[0], runs, "logp/student", "C0", "log p_S(y_t)")
+    lines(axes[0], runs, "logp/teacher", "C1", "log p_T(y_t)")
+    lines(axes[1], runs, "adv/mean", "C4", "mean advantage")
+    lines(axes[2], runs, "rollout/len_mean", "C3", "mean length")
     for ax, t in zip(axes, ["log-prob of sampled tokens", "mean advantage", "mean rollout length"]):
         ax.set_title(t)
         ax.set_xlabel("OPD step")
@@ -1115,11 +1238,11 @@ def plot_study(results, out: Path):
     plt.close(fig)
     # paper Fig. 4: advantage on repetitive vs regular tokens; EOS probabilities
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    panel(axes[0], runs, "adv/repetitive", "C3", "repetitive tokens")
-    panel(axes[0], runs, "adv/regular", "C0", "regular tokens")
-    panel(axes[1], runs, "adv/repetitive_frac", "C3", "repetitive fraction")
-    panel(axes[2], runs, "eos/p_student", "C0", "p_S(EOS) where it stopped")
-    panel(axes[2], runs, "eos/p_teacher", "C1", "p_T(EOS) where it stopped")
+    lines(axes[0], runs, "adv/repetitive", "C3", "repetitive tokens")
+    lines(axes[0], runs, "adv/regular", "C0", "regular tokens")
+    lines(axes[1], runs, "adv/repetitive_frac", "C3", "repetitive fraction")
+    lines(axes[2], runs, "eos/p_student", "C0", "p_S(EOS) where it stopped")
+    lines(axes[2], runs, "eos/p_teacher", "C1", "p_T(EOS) where it stopped")
     for ax, t in zip(axes, ["advantage by token kind", "share of repetitive tokens", "EOS probability at the stop"]):
         ax.set_title(t)
         ax.set_xlabel("OPD step")
@@ -1128,18 +1251,23 @@ def plot_study(results, out: Path):
     fig.savefig(out / "fig4_advantage.png", dpi=110)
     plt.close(fig)
     if "opd+guard" in by_method:
-        # the guard: plain OPD vs the same seeds under --guard, with the step it acted
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for ax, key in zip(axes, ["rollout/trunc_rate", "eval/accuracy"]):
-            panel(ax, runs, key, "C3", "opd")
-            panel(ax, by_method["opd+guard"], key, "C2", "opd+guard")
-            for rows in by_method["opd+guard"]:
-                for r in rows:
-                    if r.get("guard/acted"):
-                        ax.axvline(r["step"], color="C2", ls=":", lw=1)
-            ax.set_title(key + " (dotted: guard acted)")
-            ax.set_xlabel("OPD step")
-        axes[0].legend()
+        # the guard, seed by seed: plain OPD and opd+guard, with the alert, the action and OPD's take-off
+        guarded = by_method["opd+guard"]
+        fig, axes = plt.subplots(2, len(guarded), figsize=(4.5 * len(guarded), 6), squeeze=False, sharex=True)
+        for j, (plain, g) in enumerate(zip(runs, guarded)):
+            alert = next((r["step"] for r in g if any(k.startswith("alert/") for k in r)), None)
+            acted = next((r["step"] for r in g if r.get("guard/acted")), None)
+            for ax, key in zip(axes[:, j], ["rollout/trunc_rate", "eval/accuracy"]):
+                ax.plot(*series(plain, key), color="C3", lw=1.2, label="opd")
+                ax.plot(*series(g, key), color="C4", lw=1.2, label="opd+guard")
+                for x, c, ls, lab in [(alert, "C1", "--", "first alert"), (acted, "C4", ":", "guard acted"),
+                                      (takeoffs[j] if j < len(takeoffs) else "", "C3", ":", "opd take-off")]:
+                    if x not in (None, ""):
+                        ax.axvline(x, color=c, ls=ls, lw=1.2, label=lab)
+                ax.set_ylim(-0.02, 1.02)
+                ax.set_title(f"seed {j}: {key}", fontsize=9)
+            axes[1, j].set_xlabel("OPD step")
+        axes[0, 0].legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out / "guard.png", dpi=110)
         plt.close(fig)

@@ -41,6 +41,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -128,6 +129,69 @@ class Config:
     threads: int = _f(1, "torch threads per process (set on purpose; see --workers)")
     save_student: bool = _f(False, "save the final student with save_pretrained in the run folder")
     self_distill: bool = _f(False, "sanity mode: the teacher is the student itself; the loss must be 0")
+
+
+LOSS_AGG = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")   # verl's names
+
+
+def validate_config(cfg: Config) -> None:
+    """Every flag's allowed values and combinations, in one place, checked before anything is
+    built or loaded. A bad value prints one line naming the flag, the value and what is
+    allowed, and exits with code 2 (argparse's code for a usage error); warnings go on."""
+    methods = [m.strip() for m in cfg.methods.split(",") if m.strip()]
+    floats = [f.name for f in dataclasses.fields(Config) if f.type in ("float", float)]
+    rules = [  # (field, holds, what is allowed)
+        *[(name, math.isfinite(getattr(cfg, name)), "a finite number") for name in floats],
+        ("methods", bool(methods) and all(m in METHODS for m in methods), "a comma-separated list of " + ", ".join(METHODS)),
+        ("seeds", cfg.seeds >= 1, ">= 1"),
+        ("seed", cfg.seed >= 0, ">= 0"),
+        ("device", re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device) is not None, "'cpu', 'cuda' or 'cuda:N'"),
+        ("device", cfg.device == "cpu" or torch.cuda.is_available(), "'cpu' on this machine: no CUDA device is visible"),
+        ("workers", cfg.workers >= 1, ">= 1"),
+        ("threads", cfg.threads >= 1, ">= 1"),
+        ("teacher", bool(cfg.teacher) == bool(cfg.student), "given together with --student, or neither (the default pair)"),
+        ("student", bool(cfg.teacher) == bool(cfg.student), "given together with --teacher, or neither (the default pair)"),
+        *[(f"{role}_{k}", getattr(cfg, f"{role}_{k}") >= 1, ">= 1") for role in ("teacher", "student") for k in ("layers", "steps")],
+        *[(f"{role}_width", getattr(cfg, f"{role}_width") >= 4 and getattr(cfg, f"{role}_width") % 4 == 0,
+           "a positive multiple of 4 (the default pair has 4 attention heads)") for role in ("teacher", "student")],
+        *[(f"{role}_free_frac", 0 <= getattr(cfg, f"{role}_free_frac") <= 1, "between 0 and 1") for role in ("teacher", "student")],
+        ("pretrain_lr", cfg.pretrain_lr > 0, "> 0"),
+        ("steps", cfg.steps >= 1, ">= 1"),
+        ("batch_size", cfg.batch_size >= 1, ">= 1"),
+        ("lr", cfg.lr > 0, "> 0"),
+        ("temperature", cfg.temperature > 0, "> 0 (sampling divides the logits by it)"),
+        ("max_new_tokens", cfg.max_new_tokens >= 1, "at least 1"),
+        ("objective", cfg.objective in ("sampled", "full"), "'sampled' or 'full'"),
+        ("loss_agg", cfg.loss_agg in LOSS_AGG, "one of " + ", ".join(LOSS_AGG)),
+        ("warmup", cfg.warmup >= 0, ">= 0"),
+        ("grad_clip", cfg.grad_clip > 0, "> 0"),
+        ("chunk_size", cfg.chunk_size >= 0, ">= 0 (0: all positions at once)"),
+        ("length_groups", cfg.length_groups >= 1, ">= 1"),
+        ("ref_kl", cfg.ref_kl >= 0, ">= 0"),
+        ("sft_coef", cfg.sft_coef >= 0, ">= 0"),
+        ("trunc_weight", 0 <= cfg.trunc_weight <= 1, "between 0 and 1"),
+        ("overlong_buffer", 0 <= cfg.overlong_buffer <= cfg.max_new_tokens, f"between 0 and --max-new-tokens ({cfg.max_new_tokens})"),
+        ("adv_regulation", cfg.adv_regulation in ("none", "log", "clip"), "'none', 'log' or 'clip'"),
+        ("adv_clip", cfg.adv_clip > 0, "> 0"),
+        ("rep_penalty", cfg.rep_penalty > 0, "> 0 (1: off)"),
+        ("rep_window", cfg.rep_window >= 1, ">= 1"),
+        ("rep_tau", cfg.rep_tau > 0, "> 0"),
+        ("alert_max_len", cfg.alert_max_len >= 0, ">= 0 (0: off)"),
+        ("alert_trunc", 0 <= cfg.alert_trunc <= 1, "between 0 and 1"),
+        ("alert_rep", 0 <= cfg.alert_rep <= 1, "between 0 and 1"),
+        ("alert_growth", cfg.alert_growth > 0, "> 0"),
+        ("alert_patience", cfg.alert_patience >= 1, ">= 1"),
+        ("eval_every", cfg.eval_every >= 1, ">= 1"),
+        ("eval_size", cfg.eval_size >= 1, ">= 1"),
+        ("log_samples_every", cfg.log_samples_every >= 0, ">= 0 (0: off)"),
+    ]
+    for name, holds, allowed in rules:
+        if not holds:
+            print(f"error: --{name.replace('_', '-')} must be {allowed} (got {getattr(cfg, name)!r})", file=sys.stderr)
+            sys.exit(2)
+    if cfg.objective == "full" and (cfg.overlong_buffer or cfg.adv_regulation != "none" or cfg.eos_mask):
+        print("[check] warning: --overlong-buffer, --adv-regulation and --eos-mask shape the sampled-token "
+              "advantage; with --objective full they have no effect", flush=True)
 
 
 # =============================================================================
@@ -909,15 +973,6 @@ def read_prompts(path: str) -> list[dict]:
 
 def load_models_and_data(cfg: Config, device):
     """Student, frozen teacher, tokenizer and the prompt source, all through from_pretrained."""
-    if cfg.max_new_tokens < 1:
-        raise SystemExit(f"error: --max-new-tokens must be at least 1 (got {cfg.max_new_tokens})")
-    if cfg.objective not in ("sampled", "full"):
-        raise SystemExit(f"error: --objective must be 'sampled' or 'full' (got {cfg.objective!r})")
-    if cfg.objective == "full" and (cfg.overlong_buffer or cfg.adv_regulation != "none" or cfg.eos_mask):
-        print("[check] warning: --overlong-buffer, --adv-regulation and --eos-mask shape the sampled-token "
-              "advantage; with --objective full they have no effect", flush=True)
-    if bool(cfg.teacher) != bool(cfg.student):
-        raise SystemExit("error: give both --teacher and --student, or neither (the default pair)")
     t_path, s_path = (cfg.teacher, cfg.student) if cfg.teacher else build_default_pair(cfg)
     # The student keeps float32 master weights: bf16 weights would round away updates of
     # lr ~1e-6. The frozen teacher needs no updates, so bf16 halves its memory on a GPU.
@@ -968,13 +1023,12 @@ def loss_peak_memory(vocab=152_000, batch=4, length=1024, hidden=256, chunk=0, f
 # =============================================================================
 
 def config_for(base: Config, method: str, seed: int) -> Config:
-    if method not in METHODS:
-        raise SystemExit(f"error: unknown method {method!r}; choose from {', '.join(METHODS)}")
     cfg = dataclasses.replace(base, seed=seed, run_name=base.run_name if base.seeds == 1 and base.run_name else "")
     defaults = {f.name: f.default for f in dataclasses.fields(Config)}
     for k, v in METHODS[method].items():          # a flag the user set wins over the preset
         if getattr(base, k) == defaults[k]:
             setattr(cfg, k, v)
+    validate_config(cfg)                          # a preset combined with the flags must be valid too
     return cfg
 
 
@@ -1155,13 +1209,14 @@ def parse_config(argv=None) -> Config:
         else:
             typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
             p.add_argument(flag, type=typ, default=f.default, help=f.metadata["help"])
-    return Config(**vars(p.parse_args(argv)))
+    p.error = lambda message: p.exit(2, f"error: {message} (python opd.py --help lists every flag)\n")  # one line
+    cfg = Config(**vars(p.parse_args(argv)))
+    validate_config(cfg)
+    return cfg
 
 
 if __name__ == "__main__":
     cfg = parse_config()
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but no CUDA device is visible; use --device cpu")
     try:
         run_study(cfg)
     except KeyboardInterrupt:

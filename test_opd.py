@@ -539,9 +539,51 @@ def test_prompt_file_errors(work, tmp_path):
         assert r.returncode != 0 and msg in r.stderr, r.stderr[-500:]
 
 
-def test_max_new_tokens_must_be_positive(work, tmp_path):
-    r = cli(*TINY, "--max-new-tokens", "0", "--cache-dir", str(work / "cache"), "--out-dir", str(tmp_path), check=False)
-    assert r.returncode != 0 and "--max-new-tokens must be at least 1" in r.stderr
+# one bad value per numeric or choice flag (a new such flag without an entry here fails the test below)
+BAD_VALUES = {
+    "methods": "opd,nope", "seeds": "0", "seed": "-1", "device": "gpu", "workers": "0", "teacher_layers": "0",
+    "teacher_width": "30", "teacher_steps": "0", "teacher_free_frac": "1.5", "student_layers": "0", "student_width": "0",
+    "student_steps": "-3", "student_free_frac": "-0.1", "pretrain_lr": "0", "steps": "0", "batch_size": "0", "lr": "-1",
+    "temperature": "0", "max_new_tokens": "0", "objective": "kl", "loss_agg": "sum", "warmup": "-1", "grad_clip": "0",
+    "chunk_size": "-8", "length_groups": "0", "ref_kl": "-0.1", "sft_coef": "nan", "trunc_weight": "2",
+    "overlong_buffer": "49", "adv_regulation": "tanh", "adv_clip": "0", "rep_penalty": "0", "rep_window": "0",
+    "rep_tau": "-1", "alert_max_len": "-1", "alert_trunc": "1.2", "alert_rep": "-0.5", "alert_growth": "0",
+    "alert_patience": "0", "eval_every": "0", "eval_size": "0", "log_samples_every": "-1", "threads": "0",
+    "teacher": "some/path",                                     # without --student
+}
+
+
+def test_every_numeric_or_choice_flag_has_a_bad_value():
+    numeric = {f.name for f in opd.dataclasses.fields(opd.Config) if f.type in ("int", "float")}
+    choice = {"methods", "device", "objective", "loss_agg", "adv_regulation"}
+    assert numeric | choice <= set(BAD_VALUES), sorted(numeric | choice - set(BAD_VALUES))
+
+
+@pytest.mark.parametrize("name", sorted(BAD_VALUES))
+def test_bad_flag_value_one_line_exit_2(name, capsys):
+    flag, value = "--" + name.replace("_", "-"), BAD_VALUES[name]
+    with pytest.raises(SystemExit) as e:
+        opd.parse_config([flag, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    typ = {"int": int, "float": float, "str": str}[{f.name: f.type for f in opd.dataclasses.fields(opd.Config)}[name]]
+    assert err.startswith(f"error: {flag} must be ") and err.rstrip().endswith(f"(got {typ(value)!r})"), err
+
+
+def test_bad_flags_through_the_command_line(tmp_path):
+    """As a new user types them: no traceback, one line on stderr, exit code 2, nothing built."""
+    for args, says in [(["--lr", "-1"], "--lr must be > 0 (got -1.0)"), (["--batch-size", "0"], "--batch-size must be >= 1"),
+                       (["--temperature", "0"], "--temperature must be > 0"), (["--lr", "abc"], "argument --lr: invalid float")]:
+        r = cli(*args, "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "r"), check=False)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and says in r.stderr and not r.stdout, r.stderr
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "r").exists()
+
+
+def test_preset_combined_with_flags_is_validated(capsys):
+    base = opd.parse_config(["--max-new-tokens", "8"])                # valid alone
+    with pytest.raises(SystemExit) as e:
+        opd.config_for(base, "overlong", 0)                           # the preset's buffer of 12 exceeds the budget of 8
+    assert e.value.code == 2 and "--overlong-buffer must be between 0 and --max-new-tokens (8) (got 12)" in capsys.readouterr().err
 
 
 def test_mismatched_tokenizers(tmp_path):

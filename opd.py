@@ -74,7 +74,8 @@ class Config:
     plots_dir: str = _f("", "study figures, results.csv, results.md; empty: plots/ for the default study, "
                             "<out_dir>/plots for any other, so a one-off run never overwrites the committed figures")
     device: str = _f("cpu", "'cpu' or 'cuda'; the default pair is small enough for a CPU")
-    workers: int = _f(2, "parallel processes for the study (2 cores here: 2 single-threaded runs beat 1 two-threaded)")
+    workers: int = _f(0, "parallel processes for the study; 0: one per CPU core, at most one per run (each with "
+                         "--threads 1: on 2 cores, 2 single-threaded runs beat 1 two-threaded)")
     # --- model pair (empty paths: build the default pair of section 2)
     teacher: str = _f("", "teacher path or hub id; empty: the self-built default teacher")
     student: str = _f("", "student path or hub id; empty: the self-built default student")
@@ -147,7 +148,7 @@ def validate_config(cfg: Config) -> None:
         ("seed", cfg.seed >= 0, ">= 0"),
         ("device", re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device) is not None, "'cpu', 'cuda' or 'cuda:N'"),
         ("device", cfg.device == "cpu" or torch.cuda.is_available(), "'cpu' on this machine: no CUDA device is visible"),
-        ("workers", cfg.workers >= 1, ">= 1"),
+        ("workers", cfg.workers >= 0, ">= 0 (0: one per CPU core)"),
         ("threads", cfg.threads >= 1, ">= 1"),
         ("teacher", bool(cfg.teacher) == bool(cfg.student), "given together with --student, or neither (the default pair)"),
         ("student", bool(cfg.teacher) == bool(cfg.student), "given together with --teacher, or neither (the default pair)"),
@@ -1067,14 +1068,23 @@ def study_plots_dir(cfg: Config) -> Path:
     return Path(cfg.out_dir) / "plots" if changed else Path("plots")
 
 
+def study_workers(base: Config, n_jobs: int) -> int:
+    """--workers, or by default one process per CPU core this process may use (each with
+    --threads threads), never more than there are runs."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(base.workers or cores // base.threads, n_jobs))
+
+
 def run_study(base: Config):
     methods = [m.strip() for m in base.methods.split(",") if m.strip()]
     jobs = [(config_for(base, m, base.seed + i), m) for i in range(base.seeds) for m in methods]
     load_models_and_data(base, torch.device(base.device))      # build or check the pair once, before any worker
     t0 = time.time()
-    if base.workers > 1 and len(jobs) > 1 and not base.teacher:   # real models: one process, they fill the device
+    workers = study_workers(base, len(jobs))
+    if workers > 1 and not base.teacher:                          # real models: one process, they fill the device
         import multiprocessing as mp
-        with mp.get_context("spawn").Pool(base.workers) as pool:
+        print(f"[study] {len(jobs)} runs in {workers} processes of {base.threads} thread(s) each", flush=True)
+        with mp.get_context("spawn").Pool(workers) as pool:
             results = pool.map(_run_job, jobs, chunksize=1)
     else:
         results = [_run_job(j) for j in jobs]

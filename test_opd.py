@@ -541,7 +541,7 @@ def test_prompt_file_errors(work, tmp_path):
 
 # one bad value per numeric or choice flag (a new such flag without an entry here fails the test below)
 BAD_VALUES = {
-    "methods": "opd,nope", "seeds": "0", "seed": "-1", "device": "gpu", "workers": "0", "teacher_layers": "0",
+    "methods": "opd,nope", "seeds": "0", "seed": "-1", "device": "gpu", "workers": "-1", "teacher_layers": "0",
     "teacher_width": "30", "teacher_steps": "0", "teacher_free_frac": "1.5", "student_layers": "0", "student_width": "0",
     "student_steps": "-3", "student_free_frac": "-0.1", "pretrain_lr": "0", "steps": "0", "batch_size": "0", "lr": "-1",
     "temperature": "0", "max_new_tokens": "0", "objective": "kl", "loss_agg": "sum", "warmup": "-1", "grad_clip": "0",
@@ -638,6 +638,17 @@ def test_documented_flags_exist():
     assert {"teacher-free-frac", "student-free-frac", "alert-patience"} <= flags     # the pattern finds them
     known = {f.name.replace("_", "-") for f in opd.dataclasses.fields(opd.Config)}
     assert not flags - known - {"help"}, f"the docs name flags opd.py lacks: {sorted(flags - known)}"
+
+
+def test_study_workers_default_to_cores_capped_by_runs(monkeypatch):
+    monkeypatch.setattr(opd.os, "sched_getaffinity", lambda pid: set(range(8)))     # an 8-core machine
+    assert opd.study_workers(opd.Config(), 33) == 8                                  # the whole study
+    assert opd.study_workers(opd.Config(), 3) == 3                                   # --methods opd: 3 seeds
+    assert opd.study_workers(opd.Config(threads=2), 33) == 4                         # cores / threads
+    assert opd.study_workers(opd.Config(workers=2), 33) == 2                         # the flag wins
+    assert opd.study_workers(opd.Config(workers=5), 1) == 1
+    monkeypatch.setattr(opd.os, "sched_getaffinity", lambda pid: {0})
+    assert opd.study_workers(opd.Config(threads=4), 33) == 1                         # never 0
 
 
 def test_study_plots_dir_keeps_committed_figures():

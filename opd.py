@@ -522,6 +522,11 @@ class LengthMonitor:
 # 4. Length inflation reproduced: rollouts, the loop, the guard
 # =============================================================================
 
+# transformers renamed the KV cache's argument and output field from `past_key_values` to
+# `cache` during 5.x; reading the name off the output class runs on releases on either side
+CACHE = "cache" if "cache" in transformers.modeling_outputs.CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 @torch.no_grad()
 def sample_rollouts(model, prompt_ids, prompt_mask, max_new_tokens: int, eos_id: int, pad_id: int,
                     temperature: float = 1.0, greedy: bool = False, rep_penalty: float = 1.0):
@@ -533,7 +538,7 @@ def sample_rollouts(model, prompt_ids, prompt_mask, max_new_tokens: int, eos_id:
     attn = prompt_mask.clone()                                   # (b, P) b = live rows
     pos = (attn.cumsum(-1) - 1).clamp(min=0)                     # (b, P) left padding aware
     out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, use_cache=True)
-    cache, logits = out.cache, out.logits[:, -1].float()         # (b, V)
+    cache, logits = getattr(out, CACHE), out.logits[:, -1].float()   # (b, V)
     live = torch.arange(B, device=prompt_ids.device)             # (b,) batch index of each live row
     penalize = rep_penalty != 1.0
     seen = torch.zeros_like(logits, dtype=torch.bool) if penalize else None   # (b, V) tokens already generated
@@ -559,8 +564,8 @@ def sample_rollouts(model, prompt_ids, prompt_mask, max_new_tokens: int, eos_id:
             break
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)   # (b, P+t)
         pos = pos[:, -1:] + 1                                        # (b, 1)
-        out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, cache=cache, use_cache=True)
-        cache, logits = out.cache, out.logits[:, -1].float()
+        out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, use_cache=True, **{CACHE: cache})
+        cache, logits = getattr(out, CACHE), out.logits[:, -1].float()
     return tokens[:, :t + 1]                                     # (B, T)
 
 
@@ -742,6 +747,8 @@ def run_opd(cfg: Config, method: str = "opd"):
     total = sum(spent.values())
     print(f"[{method} s{cfg.seed}] time: " + ", ".join(f"{k} {v:.1f}s ({v / max(total, 1e-9):.0%})" for k, v in spent.items()),
           flush=True)
+    if device.type == "cuda":
+        print(f"[{method} s{cfg.seed}] peak CUDA memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB", flush=True)
     if cfg.save_student:
         student.save_pretrained(run_dir / "student")
         tokenizer.save_pretrained(run_dir / "student")

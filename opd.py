@@ -673,9 +673,13 @@ def run_opd(cfg: Config, method: str = "opd"):
             attn = torch.cat([p_attn, mask.long()], 1)                                       # (B, P+T)
             P = p_ids.shape[1]
             t1 = time.time()
-            # --- 2. the teacher scores the same tokens: one no-grad forward
+            # --- 2. the teacher scores the same tokens: one no-grad forward, after the prompt in its
+            # own chat format when the two differ (section 6); the response ids are shared
+            t_ids, t_attn = (p_ids, p_attn) if data["teacher_tok"] is None else \
+                left_pad(prompt_token_ids(data["teacher_tok"], [e["prompt"] for e in batch]), pad, device)  # (B, P_t)
             with torch.no_grad():
-                h_t = response_hidden_states(teacher, seq, attn, P, cfg.length_groups)        # (B, T, H_t)
+                h_t = response_hidden_states(teacher, torch.cat([t_ids, resp], 1), torch.cat([t_attn, mask.long()], 1),
+                                             t_ids.shape[1], cfg.length_groups)                    # (B, T, H_t)
                 h_ref = response_hidden_states(ref, seq, attn, P, cfg.length_groups) if cfg.ref_kl > 0 else None
             t2 = time.time()
             # --- 3. the student's one forward: loss and metrics both come from it
@@ -930,8 +934,9 @@ def load_pretrained(path: str, device, dtype=None):
     return tok, model.to(device)
 
 
-def check_pair(tok_s, tok_t, model_s, model_t, prompts, max_new_tokens):
-    """The checks that catch the most common real-world OPD failures before the first step."""
+def check_pair(tok_s, tok_t, model_s, model_t, prompts, max_new_tokens) -> bool:
+    """The checks that catch the most common real-world OPD failures before the first step.
+    Returns True when the two chat formats differ: the teacher then reads each prompt in its own."""
     vs, vt = model_s.get_output_embeddings().weight.shape[0], model_t.get_output_embeddings().weight.shape[0]
     probe = "The quick brown fox 123 =+ \u00e9"
     if tok_s.get_vocab() != tok_t.get_vocab() or tok_s(probe)["input_ids"] != tok_t(probe)["input_ids"]:
@@ -948,12 +953,22 @@ def check_pair(tok_s, tok_t, model_s, model_t, prompts, max_new_tokens):
     if tok_s.pad_token_id is None:
         print("[check] warning: the student tokenizer has no pad token; using EOS as pad (masks use the first EOS).")
         tok_s.pad_token = tok_s.eos_token
-    ctx = getattr(model_s.config, "max_position_embeddings", None)
-    if ctx:
-        longest = max(len(ids) for ids in prompt_token_ids(tok_s, [p["prompt"] for p in prompts]))
-        if longest + max_new_tokens > ctx:
+    # Chat format: one probe conversation through each tokenizer's template. Rendered differently, a
+    # teacher scoring the student's rendering would grade answers to a prompt format it never saw
+    # (one report: +0.29 nats/token on the teacher's log-probs, tinker-cookbook #796). The response
+    # ids mean the same to both (same vocabulary), so the teacher reads its own rendering instead.
+    probe_s, probe_t = prompt_token_ids(tok_s, ["What is 2 + 2?"])[0], prompt_token_ids(tok_t, ["What is 2 + 2?"])[0]
+    own_format = probe_s != probe_t
+    if own_format:
+        print(f"[check] chat formats differ: the student renders a prompt as {tok_s.decode(probe_s)!r}, the teacher as "
+              f"{tok_t.decode(probe_t)!r}; the teacher scores each response after its own rendering of the prompt.", flush=True)
+    for tok, model, role in ((tok_s, model_s, "student"), (tok_t, model_t, "teacher")):
+        ctx = getattr(model.config, "max_position_embeddings", None)
+        longest = max(len(ids) for ids in prompt_token_ids(tok, [p["prompt"] for p in prompts]))
+        if ctx and longest + max_new_tokens > ctx:
             raise SystemExit(f"error: the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) exceeds "
-                             f"the student's context ({ctx}). Shorten the prompts or lower --max-new-tokens.")
+                             f"the {role}'s context ({ctx}). Shorten the prompts or lower --max-new-tokens.")
+    return own_format
 
 
 def read_prompts(path: str) -> list[dict]:
@@ -999,7 +1014,9 @@ def load_models_and_data(cfg: Config, device):
     else:
         task = MotifTask(eval_size=cfg.eval_size)
         data = {"eval": task.eval_set, "sample": task.sample}
-    check_pair(tok_s, tok_t, student, teacher, data["eval"] or [data["sample"](1, random.Random(0))[0]], cfg.max_new_tokens)
+    own_format = check_pair(tok_s, tok_t, student, teacher, data["eval"] or [data["sample"](1, random.Random(0))[0]],
+                            cfg.max_new_tokens)
+    data["teacher_tok"] = tok_t if own_format else None         # the teacher reads prompts in its own chat format
     return student, teacher, tok_s, data
 
 

@@ -715,12 +715,13 @@ def test_real_pair_through_the_flags(real_pairs, arch, tmp_path):
     text = "bada kelo mi zo ruka"
     assert tok2(text)["input_ids"] == tok(text)["input_ids"] != []     # encodings, not just loading
     assert len(tok2) == 32_000 and tok2.chat_template
-    cli("--teacher", str(d / arch / "teacher"), "--student", str(d / arch / "student"), "--prompts",
-        str(d / "prompts.jsonl"), "--methods", "stable-opd", "--seeds", "1", "--steps", "2", "--batch-size", "4",
-        "--max-new-tokens", "8", "--eval-every", "1", "--chunk-size", "3", "--workers", "1",
-        "--out-dir", str(tmp_path / "runs"), "--plots-dir", str(tmp_path / "plots"))
+    r = cli("--teacher", str(d / arch / "teacher"), "--student", str(d / arch / "student"), "--prompts",
+            str(d / "prompts.jsonl"), "--methods", "stable-opd", "--seeds", "1", "--steps", "2", "--batch-size", "4",
+            "--max-new-tokens", "8", "--eval-every", "1", "--chunk-size", "3", "--workers", "1",
+            "--out-dir", str(tmp_path / "runs"), "--plots-dir", str(tmp_path / "plots"))
     rows = opd.read_metrics(tmp_path / "runs" / "stable-opd-s0" / "metrics.jsonl")
     assert len(rows) == 3 and set(opd.METRIC_KEYS) - {"eval/accuracy"} <= set().union(*rows)
+    assert "chat formats differ" not in r.stdout                        # one tokenizer: one format
 
 
 def test_real_pair_eos_mismatch(real_pairs, tmp_path):
@@ -732,3 +733,76 @@ def test_real_pair_eos_mismatch(real_pairs, tmp_path):
     r = cli("--teacher", str(tmp_path / "t"), "--student", str(d / "llama" / "student"), "--prompts",
             str(d / "prompts.jsonl"), "--steps", "1", "--out-dir", str(tmp_path / "r"), check=False)
     assert r.returncode != 0 and "EOS ids differ" in r.stderr and "length inflation" in r.stderr
+
+
+def _save_pair(d, tok_s, tok_t, arch="llama", scale=1.0):
+    """A student (1 layer) and a teacher (2 layers) saved with their tokenizers; scale > 1 makes the
+    random teacher a chaotic function of its input, so a changed prompt changes its log-probs."""
+    for role, tok, layers, width in (("student", tok_s, 1, 32), ("teacher", tok_t, 2, 64)):
+        torch.manual_seed({"student": 0, "teacher": 1}[role])
+        m = opd.make_model(tok, layers, width, arch)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.mul_(scale if role == "teacher" else 1.0)
+        m.save_pretrained(d / role)
+        tok.save_pretrained(d / role)
+    return str(d / "student"), str(d / "teacher")
+
+
+def _capture(monkeypatch):
+    """Record what the loop passes to sample_rollouts (training calls only) and what token_terms returns."""
+    seen = {"prompts": [], "terms": []}
+    real_sample, real_terms = opd.sample_rollouts, opd.token_terms
+
+    def sample(model, ids, attn, *a, greedy=False, **k):
+        if not greedy:
+            seen["prompts"].append((ids, attn))
+        return real_sample(model, ids, attn, *a, greedy=greedy, **k)
+
+    def terms(h_s, head_s, h_t, head_t, tokens, *a, **k):
+        out = real_terms(h_s, head_s, h_t, head_t, tokens, *a, **k)
+        seen["terms"].append((tokens, {n: v.detach() for n, v in out.items()}))
+        return out
+
+    monkeypatch.setattr(opd, "sample_rollouts", sample)
+    monkeypatch.setattr(opd, "token_terms", terms)
+    return seen
+
+
+def _real_cfg(d, s_path, t_path, prompts, **kw):
+    return opd.Config(**dict(dict(teacher=t_path, student=s_path, prompts=prompts, methods="opd", seeds=1, steps=2,
+                                  batch_size=6, max_new_tokens=6, eval_every=10, workers=1, log_samples_every=0,
+                                  out_dir=str(d / "runs")), **kw))
+
+
+def test_teacher_scores_in_its_own_chat_format(real_pairs, tmp_path, monkeypatch, capsys):
+    """Student and teacher share the vocabulary and EOS but not the chat template: the teacher's
+    log-probs in the loop equal a direct forward of the teacher on its own rendering of the prompt
+    followed by the student's response ids, and differ from those after the student's rendering."""
+    d, tok = real_pairs
+    tok_t = copy.deepcopy(tok)
+    tok_t.chat_template = ("{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                           "{% if add_generation_prompt %}### assistant:{% endif %}")
+    s_path, t_path = _save_pair(tmp_path, tok, tok_t, scale=8.0)
+    seen = _capture(monkeypatch)
+    opd.run_opd(_real_cfg(tmp_path, s_path, t_path, str(d / "prompts.jsonl")), "opd")
+    assert "chat formats differ" in capsys.readouterr().out
+    _, teacher = opd.load_pretrained(t_path, "cpu")
+    texts = sorted({json.loads(l)["prompt"] for l in (d / "prompts.jsonl").read_text().splitlines()})
+    by_ids = {tuple(opd.prompt_token_ids(tok, [t])[0]): t for t in texts}
+    checked = 0
+    for (ids, attn), (resp, terms) in zip(seen["prompts"], seen["terms"]):
+        _, lengths, _ = opd.response_mask(resp, tok.eos_token_id)
+        for i in range(resp.shape[0]):
+            text, y = by_ids[tuple(ids[i][attn[i].bool()].tolist())], resp[i, :lengths[i]]
+            direct = {}
+            for who, t in (("own", tok_t), ("student's", tok)):
+                p = opd.prompt_token_ids(t, [text])[0]
+                with torch.no_grad():
+                    logits = teacher(torch.tensor([p + y.tolist()])).logits[0, len(p) - 1:-1]
+                direct[who] = F.log_softmax(logits.float(), -1).gather(-1, y[:, None]).squeeze(-1)
+            got = terms["logp_teacher"][i, :lengths[i]]
+            torch.testing.assert_close(got, direct["own"], atol=1e-4, rtol=1e-4)
+            assert (got - direct["student's"]).abs().max() > 1e-2      # the other rendering would score differently
+            checked += 1
+    assert checked == 12 and len(set(by_ids.values())) == 2

@@ -931,6 +931,12 @@ def load_pretrained(path: str, device, dtype=None):
         raise SystemExit(f"error: could not load a model from {path!r}: {e}\n"
                          "Give a folder written by save_pretrained or a hub id available offline "
                          "(HF_HUB_OFFLINE=1 uses the local cache only).") from None
+    # A shipped top_p=0.95 once silently truncated a trainer's "on-policy" samples (TRL PR #6337):
+    # sample_rollouts never reads generation_config, so say that it is ignored.
+    shipped = {k: getattr(model.generation_config, k, None) for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")}
+    if any(v is not None and v != {"top_k": 0, "min_p": 0}.get(k, 1.0) for k, v in shipped.items()):
+        print(f"[check] {path}: generation_config sets {', '.join(f'{k}={v}' for k, v in shipped.items() if v is not None)}; "
+              "ignored: rollouts sample the full distribution at --temperature", flush=True)
     return tok, model.to(device)
 
 

@@ -806,3 +806,56 @@ def test_teacher_scores_in_its_own_chat_format(real_pairs, tmp_path, monkeypatch
             assert (got - direct["student's"]).abs().max() > 1e-2      # the other rendering would score differently
             checked += 1
     assert checked == 12 and len(set(by_ids.values())) == 2
+
+
+def test_pad_is_eos_keeps_the_stop_in_the_loss(tmp_path, monkeypatch):
+    """pad_token == eos_token (the default of several small models): every position after the
+    stop holds the EOS id too. The stopping EOS is in the mask and carries loss; nothing after it does."""
+    tok = opd.build_tokenizer()
+    tok.pad_token = tok.eos_token
+    s_path, t_path = _save_pair(tmp_path, tok, tok)
+    tok2, _ = opd.load_pretrained(s_path, "cpu")
+    assert tok2.pad_token_id == tok2.eos_token_id == tok.eos_token_id
+    rows = opd.MotifTask().sample(16, random.Random(0))
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    seen = _capture(monkeypatch)
+    losses, real = [], opd.aggregate_loss
+    monkeypatch.setattr(opd, "aggregate_loss", lambda per, w, *a, **k: losses.append((per.detach(), w)) or real(per, w, *a, **k))
+    out = opd.run_opd(_real_cfg(tmp_path, s_path, t_path, str(tmp_path / "p.jsonl"), batch_size=16, max_new_tokens=12), "opd")
+    eos, stops = tok.eos_token_id, 0
+    for (resp, _), (per_token, weights), row in zip(seen["terms"], losses, [r for r in out if "loss/total" in r]):
+        lengths = []
+        for i, ids in enumerate(resp.tolist()):
+            L = ids.index(eos) + 1 if eos in ids else len(ids)       # through the first EOS
+            lengths.append(L)
+            assert weights[i, :L].tolist() == [1.0] * L and not weights[i, L:].any()
+            if L < len(ids):                                          # stopped early: EOS padding follows
+                assert set(ids[L - 1:]) == {eos} and per_token[i, L - 1] != 0
+                stops += 1
+        assert row["rollout/len_mean"] == pytest.approx(sum(lengths) / len(lengths))
+    assert stops >= 4, stops                                          # the case was exercised
+
+
+def test_sampling_ignores_generation_config(tmp_path, capsys):
+    """A model that ships top_p=0.5, top_k=3: rollouts still come from the full softmax at the
+    loss temperature (a frequency test on 4,000 first tokens)."""
+    tok = opd.build_tokenizer()
+    torch.manual_seed(0)
+    model = opd.make_model(tok, 1, 16)
+    model.generation_config.update(do_sample=True, top_p=0.5, top_k=3, temperature=0.3)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    _, m = opd.load_pretrained(str(tmp_path), "cpu")
+    assert (m.generation_config.top_p, m.generation_config.top_k) == (0.5, 3)
+    assert "generation_config sets temperature=0.3, top_p=0.5, top_k=3" in capsys.readouterr().out
+    m.eval()
+    ids, attn = opd.encode_batch(tok, ["a b c x 2 ="])
+    N, temp = 4000, 0.7
+    with torch.no_grad():
+        p = F.softmax(m(ids).logits[0, -1] / temp, -1)                # the distribution the loss assumes
+    assert 1 - p.topk(3).values.sum() > 0.3                           # top-k/top-p would cut a visible share
+    torch.manual_seed(1)
+    first = opd.sample_rollouts(m, ids.repeat(N, 1), attn.repeat(N, 1), 1, tok.eos_token_id, tok.pad_token_id, temp)[:, 0]
+    freq = torch.bincount(first, minlength=len(p)).double() / N
+    assert (freq > 0).sum() > 3
+    assert ((freq - p).abs() <= 5 * (p * (1 - p) / N).sqrt() + 1e-3).all(), (freq, p)

@@ -42,6 +42,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -129,6 +130,10 @@ class Config:
     log_samples_every: int = _f(50, "print a few decoded rollouts every N steps")
     threads: int = _f(1, "torch threads per process (set on purpose; see --workers)")
     save_student: bool = _f(False, "save the final student with save_pretrained in the run folder")
+    save_every: int = _f(10, "write <run folder>/checkpoint.pt every N steps and at the end; 0: off. ~1 MB for the "
+                             "default pair; a 1.5B student with AdamW's moments is ~18 GB, so raise N for real models")
+    resume: bool = _f(False, "continue each run from its checkpoint.pt (same flags; --steps may grow); "
+                             "a run without one starts at step 0")
     self_distill: bool = _f(False, "sanity mode: the teacher is the student itself; the loss must be 0")
 
 
@@ -185,6 +190,7 @@ def validate_config(cfg: Config) -> None:
         ("eval_every", cfg.eval_every >= 1, ">= 1"),
         ("eval_size", cfg.eval_size >= 1, ">= 1"),
         ("log_samples_every", cfg.log_samples_every >= 0, ">= 0 (0: off)"),
+        ("save_every", cfg.save_every >= 0, ">= 0 (0: off)"),
     ]
     for name, holds, allowed in rules:
         if not holds:
@@ -642,15 +648,22 @@ def run_opd(cfg: Config, method: str = "opd"):
                             cfg.alert_growth, window=cfg.rep_window, tau=cfg.rep_tau, patience=cfg.alert_patience)
     run_dir = Path(cfg.out_dir) / (cfg.run_name or f"{method}-s{cfg.seed}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path, ckpt_path = run_dir / "metrics.jsonl", run_dir / "checkpoint.pt"
+    start, healthy, kept = 0, None, []                           # healthy: guard's last healthy student + optimizer
+    if cfg.resume and ckpt_path.exists():
+        start, healthy = load_checkpoint(ckpt_path, cfg, student, opt, sched, rng, monitor, device)
+        kept = [r for r in read_metrics(metrics_path) if r["step"] < start] if metrics_path.exists() else []
+        print(f"[{method} s{cfg.seed}] resumed at step {start} from {ckpt_path}", flush=True)
+    elif cfg.resume:
+        print(f"[{method} s{cfg.seed}] no checkpoint at {ckpt_path}: starting at step 0", flush=True)
     if metrics_path.exists():                                    # never lose an earlier run's log
         metrics_path.replace(run_dir / "metrics.prev.jsonl")
     (run_dir / "config.json").write_text(json.dumps(dict(dataclasses.asdict(cfg), method=method), indent=1))
-    healthy = None                                               # guard: last healthy student + optimizer
     log = open(metrics_path, "w")
+    log.writelines(json.dumps(r) + "\n" for r in kept)           # the steps before the checkpoint
     eval_m, t_eval = {}, 0.0
     try:
-        for step in range(cfg.steps + 1):
+        for step in range(start, cfg.steps + 1):
             # --- held-out evaluation (greedy), before the update of this step
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 t = time.time()
@@ -738,6 +751,8 @@ def run_opd(cfg: Config, method: str = "opd"):
                           f"now ref_kl={cfg.ref_kl} sft_coef={cfg.sft_coef}", flush=True)
             log.write(json.dumps(m) + "\n")
             log.flush()
+            if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
+                save_checkpoint(ckpt_path, step + 1, student, opt, sched, rng, monitor, healthy, cfg)
             print(f"[{method} s{cfg.seed}] step {step:4d} loss {m['loss/total']:+.4f} kl {m['kl/reverse']:.3f} "
                   f"len {m['rollout/len_mean']:5.1f} trunc {m['rollout/trunc_rate']:.2f} rep {m['rollout/rep_rate']:.2f} "
                   f"adv {m['adv/mean']:+.3f}" + (f" acc {m['eval/accuracy']:.3f}" if "eval/accuracy" in m else ""), flush=True)
@@ -844,6 +859,46 @@ def guard_step(cfg, monitor, step, student, opt, healthy):
     cfg.sft_coef = max(cfg.sft_coef, STABLE_OPD["sft_coef"])
     healthy["acted"] = True
     return healthy, True
+
+
+def save_checkpoint(path: Path, step: int, student, opt, sched, rng, monitor, healthy, cfg: Config):
+    """Everything the loop needs to go on as if it had never stopped: `step` is the next step to
+    run. Written to a temporary file and renamed over the last checkpoint (an atomic replace),
+    so a kill mid-write leaves the previous one usable."""
+    state = {"step": step, "config": dataclasses.asdict(cfg), "student": student.state_dict(), "opt": opt.state_dict(),
+             "sched": sched.state_dict(), "torch_rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+             "task_rng": rng.getstate(), "monitor": vars(monitor), "guard": healthy}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+RESUME_MAY_CHANGE = {"steps", "resume", "save_every", "workers", "threads", "device", "log_samples_every", "methods",
+                     "seeds", "out_dir", "plots_dir", "cache_dir", "run_name", "save_student"}
+
+
+def load_checkpoint(path: Path, cfg: Config, student, opt, sched, rng, monitor, device) -> tuple[int, dict | None]:
+    """Restore what save_checkpoint wrote, in place; returns (next step, guard state). Refuses a
+    checkpoint written with other settings, which would splice two different runs together."""
+    ck = torch.load(path, map_location=device, weights_only=False)     # this file's own pickle: RNG and monitor state
+    free = RESUME_MAY_CHANGE | ({"ref_kl", "sft_coef"} if cfg.guard else set())    # the guard raises them mid-run
+    changed = [f"--{k.replace('_', '-')} {v}" for k, v in ck["config"].items() if k not in free and getattr(cfg, k) != v]
+    if changed:
+        raise SystemExit(f"error: {path} was written with {', '.join(changed)}; resume with the same flags, or drop --resume "
+                         "to start over")
+    if ck["step"] > cfg.steps:
+        raise SystemExit(f"error: {path} is at step {ck['step']}, past --steps {cfg.steps}")
+    student.load_state_dict(ck["student"])
+    opt.load_state_dict(ck["opt"])
+    sched.load_state_dict(ck["sched"])
+    torch.set_rng_state(ck["torch_rng"].cpu())
+    if ck["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in ck["cuda_rng"]])
+    rng.setstate(ck["task_rng"])
+    monitor.__dict__.update(ck["monitor"])
+    cfg.ref_kl, cfg.sft_coef = ck["config"]["ref_kl"], ck["config"]["sft_coef"]
+    return ck["step"], ck["guard"]
 
 
 def read_metrics(path) -> list[dict]:
@@ -1093,7 +1148,7 @@ def study_plots_dir(cfg: Config) -> Path:
     other setting <out_dir>/plots, so `--methods opd --seeds 1` does not overwrite them."""
     if cfg.plots_dir:
         return Path(cfg.plots_dir)
-    neutral = {"workers", "threads", "device", "out_dir", "cache_dir", "plots_dir", "log_samples_every"}
+    neutral = {"workers", "threads", "device", "out_dir", "cache_dir", "plots_dir", "log_samples_every", "save_every", "resume"}
     changed = [f.name for f in dataclasses.fields(Config) if f.name not in neutral and getattr(cfg, f.name) != f.default]
     return Path(cfg.out_dir) / "plots" if changed else Path("plots")
 
@@ -1260,5 +1315,8 @@ if __name__ == "__main__":
     try:
         run_study(cfg)
     except KeyboardInterrupt:
-        raise SystemExit(f"\ninterrupted: every completed step is in {cfg.out_dir}/<run>/metrics.jsonl; "
-                         "the cached model pair is intact. Rerun the same command to start over.")
+        again = " ".join(shlex.quote(a) for a in [sys.executable, sys.argv[0], *sys.argv[1:]] if a != "--resume")
+        raise SystemExit(f"\ninterrupted: every completed step is in {cfg.out_dir}/<run>/metrics.jsonl; the cached model "
+                         "pair is intact. " + (f"Each run keeps a checkpoint every {cfg.save_every} steps; continue with:\n"
+                                               f"  {again} --resume" if cfg.save_every else
+                                               "Without --save-every there is no checkpoint: rerun the same command to start over."))

@@ -498,6 +498,79 @@ def test_self_distillation_zero_loss_and_unchanged(work):
         assert torch.equal(p, q), n
 
 
+def test_resumed_run_equals_straight_run(work, monkeypatch):
+    """6 steps straight = 3 steps, an interrupt, and 3 resumed steps, metric for metric: student,
+    optimizer, scheduler, both RNGs, monitor (its EMA feeds rollout/growth) and guard state all
+    come back. stable-opd + guard also checks that the reference model stays the initial student."""
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+    cfg = lambda name, **kw: _tiny_cfg(work, "stable-opd", run_name=name, steps=6, guard=True, **kw)
+    straight = opd.run_opd(cfg("straight", save_every=0))
+    real = opd.LengthMonitor.update
+
+    def interrupted(self, seqs, step):
+        if step == 4:
+            raise KeyboardInterrupt                                  # Ctrl-C after step 3 was logged
+        return real(self, seqs, step)
+
+    monkeypatch.setattr(opd.LengthMonitor, "update", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        opd.run_opd(cfg("cut", save_every=3))
+    monkeypatch.undo()
+    run_dir = work / "inproc" / "cut"
+    assert [r["step"] for r in opd.read_metrics(run_dir / "metrics.jsonl")] == [0, 1, 2, 3]
+    assert opd.torch.load(run_dir / "checkpoint.pt", weights_only=False)["step"] == 3
+    resumed = opd.run_opd(cfg("cut", save_every=3, resume=True))
+    assert [r["step"] for r in resumed] == list(range(7))
+    assert strip(resumed) == strip(straight)
+    with pytest.raises(SystemExit, match="was written with --lr 0.001"):   # other settings: refused, nothing lost
+        opd.run_opd(cfg("cut", save_every=3, resume=True, lr=3e-4))
+    assert strip(opd.read_metrics(run_dir / "metrics.jsonl")) == strip(straight)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    """A kill in the middle of torch.save leaves the previous checkpoint whole."""
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    mon, rng, path = opd.LengthMonitor(2, 8), random.Random(0), tmp_path / "checkpoint.pt"
+    opd.save_checkpoint(path, 5, model, opt, sched, rng, mon, None, opd.Config())
+    real = torch.save
+
+    def killed(obj, f):
+        real(obj, f)
+        Path(f).write_bytes(Path(f).read_bytes()[:100])              # half written, then the process dies
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(opd.torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        opd.save_checkpoint(path, 10, model, opt, sched, rng, mon, None, opd.Config())
+    assert torch.load(path, weights_only=False)["step"] == 5
+
+
+def test_ctrl_c_names_the_resume_command(work, tmp_path):
+    """SIGINT during a study: the message gives the command that continues it, and that command
+    finishes the run from its checkpoint."""
+    import shlex
+    import signal
+    args = [*TINY, "--methods", "opd", "--seeds", "1", "--steps", "30", "--eval-every", "15", "--save-every", "2", "--cache-dir",
+            str(work / "cache"), "--out-dir", str(tmp_path / "runs"), "--plots-dir", str(tmp_path / "plots")]
+    p = subprocess.Popen([sys.executable, str(HERE / "opd.py"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, cwd=HERE, env=dict(os.environ, PYTHONPATH=str(HERE)))
+    for line in p.stdout:
+        if "step    3" in line:
+            break
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 1 and "Traceback" not in err, err
+    cmd = shlex.split(err.strip().splitlines()[-1])
+    assert cmd[-1] == "--resume" and cmd[2:-1] == args, err
+    done = [r["step"] for r in opd.read_metrics(tmp_path / "runs" / "opd-s0" / "metrics.jsonl")]
+    assert 4 <= len(done) < 31                                        # stopped mid-run
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, env=dict(os.environ, PYTHONPATH=str(HERE)))
+    assert r.returncode == 0 and "resumed at step" in r.stdout, r.stderr[-2000:]
+    assert [r["step"] for r in opd.read_metrics(tmp_path / "runs" / "opd-s0" / "metrics.jsonl")] == list(range(31))
+
+
 @pytest.mark.parametrize("method", ["stable-opd", "drop-trunc", "overlong", "adv-log", "eos-mask", "rep-penalty",
                                     "opd+guard", "full-vocab"])
 def test_every_method_runs(work, method):
@@ -548,7 +621,7 @@ BAD_VALUES = {
     "chunk_size": "-8", "length_groups": "0", "ref_kl": "-0.1", "sft_coef": "nan", "trunc_weight": "2",
     "overlong_buffer": "49", "adv_regulation": "tanh", "adv_clip": "0", "rep_penalty": "0", "rep_window": "0",
     "rep_tau": "-1", "alert_max_len": "-1", "alert_trunc": "1.2", "alert_rep": "-0.5", "alert_growth": "0",
-    "alert_patience": "0", "eval_every": "0", "eval_size": "0", "log_samples_every": "-1", "threads": "0",
+    "alert_patience": "0", "eval_every": "0", "eval_size": "0", "log_samples_every": "-1", "threads": "0", "save_every": "-1",
     "teacher": "some/path",                                     # without --student
 }
 

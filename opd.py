@@ -559,7 +559,7 @@ def sample_rollouts(model, prompt_ids, prompt_mask, max_new_tokens: int, eos_id:
             nxt = torch.multinomial(F.softmax(logits / temperature, -1), 1).squeeze(-1)  # (b,)
         tokens[live, t] = nxt
         if penalize:
-            seen[torch.arange(len(nxt)), nxt] = True
+            seen[torch.arange(len(nxt), device=nxt.device), nxt] = True
         going = nxt != eos_id                                    # (b,)
         if not going.all():                                      # drop the rows that just ended
             keep = going.nonzero().squeeze(-1)
@@ -666,15 +666,15 @@ def run_opd(cfg: Config, method: str = "opd"):
         for step in range(start, cfg.steps + 1):
             # --- held-out evaluation (greedy), before the update of this step
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                t = time.time()
+                t = clock(device)
                 ev = evaluate(student, tokenizer, data["eval"], cfg.max_new_tokens, device, window=cfg.rep_window, tau=cfg.rep_tau)
-                eval_m, t_eval = {f"eval/{k}": v for k, v in ev.items()}, time.time() - t
+                eval_m, t_eval = {f"eval/{k}": v for k, v in ev.items()}, clock(device) - t
             if step == cfg.steps:
                 m = {"step": step, **eval_m}
                 log.write(json.dumps(m) + "\n")
                 break
             # --- 1. the student samples
-            t0 = time.time()
+            t0 = clock(device)
             batch = data["sample"](cfg.batch_size, rng)
             p_ids, p_attn = encode_batch(tokenizer, [e["prompt"] for e in batch], device)
             student.eval()
@@ -685,7 +685,7 @@ def run_opd(cfg: Config, method: str = "opd"):
             seq = torch.cat([p_ids, resp], 1)                                                # (B, P+T)
             attn = torch.cat([p_attn, mask.long()], 1)                                       # (B, P+T)
             P = p_ids.shape[1]
-            t1 = time.time()
+            t1 = clock(device)
             # --- 2. the teacher scores the same tokens: one no-grad forward, after the prompt in its
             # own chat format when the two differ (section 6); the response ids are shared
             t_ids, t_attn = (p_ids, p_attn) if data["teacher_tok"] is None else \
@@ -694,7 +694,7 @@ def run_opd(cfg: Config, method: str = "opd"):
                 h_t = response_hidden_states(teacher, torch.cat([t_ids, resp], 1), torch.cat([t_attn, mask.long()], 1),
                                              t_ids.shape[1], cfg.length_groups)                    # (B, T, H_t)
                 h_ref = response_hidden_states(ref, seq, attn, P, cfg.length_groups) if cfg.ref_kl > 0 else None
-            t2 = time.time()
+            t2 = clock(device)
             # --- 3. the student's one forward: loss and metrics both come from it
             h_s = response_hidden_states(student, seq, attn, P, cfg.length_groups)            # (B, T, H_s)
             terms = token_terms(h_s, student.get_output_embeddings(), h_t, teacher.get_output_embeddings(),
@@ -731,7 +731,7 @@ def run_opd(cfg: Config, method: str = "opd"):
             torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
             opt.step()
             sched.step()
-            t3 = time.time()
+            t3 = clock(device)
             # --- 5. monitor
             seqs = [resp[i, :lengths[i]].tolist() for i in range(resp.shape[0])]
             mon = monitor.update(seqs, step)
@@ -772,6 +772,14 @@ def run_opd(cfg: Config, method: str = "opd"):
         student.save_pretrained(run_dir / "student")
         tokenizer.save_pretrained(run_dir / "student")
     return rows
+
+
+def clock(device) -> float:
+    """time.time() once the device has finished its queued work: CUDA runs asynchronously, so
+    without the wait a phase's time is booked to whichever later call first waits for it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.time()
 
 
 def token_terms(h_s, head_s, h_t, head_t, tokens, eos_id: int, temperature: float = 1.0, chunk: int = 0,
@@ -827,7 +835,7 @@ def rollout_metrics(terms, adv, mask, lengths, truncated, seqs, eos_id, cfg) -> 
     reg_tok = mask - rep_tok
     stopped = ~truncated
     last = (lengths - 1).clamp(min=0)                            # position of EOS where the rollout stopped
-    idx = torch.arange(B)
+    idx = torch.arange(B, device=mask.device)
     avg = lambda x, m: (x * m).sum().item() / m.sum().item() if m.sum() > 0 else float("nan")
     with torch.no_grad():
         lp_s, lp_t = terms["logp_student"].detach(), terms["logp_teacher"]

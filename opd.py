@@ -155,8 +155,8 @@ def validate_config(cfg: Config) -> None:
         ("device", cfg.device == "cpu" or torch.cuda.is_available(), "'cpu' on this machine: no CUDA device is visible"),
         ("workers", cfg.workers >= 0, ">= 0 (0: one per CPU core)"),
         ("threads", cfg.threads >= 1, ">= 1"),
-        ("teacher", bool(cfg.teacher) == bool(cfg.student), "given together with --student, or neither (the default pair)"),
-        ("student", bool(cfg.teacher) == bool(cfg.student), "given together with --teacher, or neither (the default pair)"),
+        ("teacher" if cfg.teacher else "student", bool(cfg.teacher) == bool(cfg.student),
+         f"given together with --{'student' if cfg.teacher else 'teacher'}, or neither (the default pair)"),
         *[(f"{role}_{k}", getattr(cfg, f"{role}_{k}") >= 1, ">= 1") for role in ("teacher", "student") for k in ("layers", "steps")],
         *[(f"{role}_width", getattr(cfg, f"{role}_width") >= 4 and getattr(cfg, f"{role}_width") % 4 == 0,
            "a positive multiple of 4 (the default pair has 4 attention heads)") for role in ("teacher", "student")],
@@ -891,7 +891,7 @@ def load_checkpoint(path: Path, cfg: Config, student, opt, sched, rng, monitor, 
     checkpoint written with other settings, which would splice two different runs together."""
     ck = torch.load(path, map_location=device, weights_only=False)     # this file's own pickle: RNG and monitor state
     free = RESUME_MAY_CHANGE | ({"ref_kl", "sft_coef"} if cfg.guard else set())    # the guard raises them mid-run
-    changed = [f"--{k.replace('_', '-')} {v}" for k, v in ck["config"].items() if k not in free and getattr(cfg, k) != v]
+    changed = [f"--{k.replace('_', '-')} {v}" for k, v in ck["config"].items() if k not in free and getattr(cfg, k, v) != v]
     if changed:
         raise SystemExit(f"error: {path} was written with {', '.join(changed)}; resume with the same flags, or drop --resume "
                          "to start over")

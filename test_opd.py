@@ -622,7 +622,7 @@ BAD_VALUES = {
     "overlong_buffer": "49", "adv_regulation": "tanh", "adv_clip": "0", "rep_penalty": "0", "rep_window": "0",
     "rep_tau": "-1", "alert_max_len": "-1", "alert_trunc": "1.2", "alert_rep": "-0.5", "alert_growth": "0",
     "alert_patience": "0", "eval_every": "0", "eval_size": "0", "log_samples_every": "-1", "threads": "0", "save_every": "-1",
-    "teacher": "some/path",                                     # without --student
+    "teacher": "some/path", "student": "some/path",             # each without the other
 }
 
 

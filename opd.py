@@ -130,7 +130,7 @@ class Config:
     log_samples_every: int = _f(50, "print a few decoded rollouts every N steps")
     threads: int = _f(1, "torch threads per process (set on purpose; see --workers)")
     save_student: bool = _f(False, "save the final student with save_pretrained in the run folder")
-    save_every: int = _f(10, "write <run folder>/checkpoint.pt every N steps and at the end; 0: off. ~1 MB for the "
+    save_every: int = _f(10, "write <run folder>/checkpoint.pt every N steps and at the end; 0: off. ~2 MB for the "
                              "default pair; a 1.5B student with AdamW's moments is ~18 GB, so raise N for real models")
     resume: bool = _f(False, "continue each run from its checkpoint.pt (same flags; --steps may grow); "
                              "a run without one starts at step 0")

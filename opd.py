@@ -41,6 +41,8 @@ import json
 import math
 import os
 import random
+import re
+import shlex
 import shutil
 import sys
 import time
@@ -73,7 +75,8 @@ class Config:
     plots_dir: str = _f("", "study figures, results.csv, results.md; empty: plots/ for the default study, "
                             "<out_dir>/plots for any other, so a one-off run never overwrites the committed figures")
     device: str = _f("cpu", "'cpu' or 'cuda'; the default pair is small enough for a CPU")
-    workers: int = _f(2, "parallel processes for the study (2 cores here: 2 single-threaded runs beat 1 two-threaded)")
+    workers: int = _f(0, "parallel processes for the study; 0: one per CPU core, at most one per run (each with "
+                         "--threads 1: on 2 cores, 2 single-threaded runs beat 1 two-threaded)")
     # --- model pair (empty paths: build the default pair of section 2)
     teacher: str = _f("", "teacher path or hub id; empty: the self-built default teacher")
     student: str = _f("", "student path or hub id; empty: the self-built default student")
@@ -132,7 +135,80 @@ class Config:
     log_samples_every: int = _f(50, "print a few decoded rollouts every N steps")
     threads: int = _f(1, "torch threads per process (set on purpose; see --workers)")
     save_student: bool = _f(False, "save the final student with save_pretrained in the run folder")
+    save_every: int = _f(10, "write <run folder>/checkpoint.pt every N steps and at the end; 0: off. ~2 MB for the "
+                             "default pair; a 1.5B student with AdamW's moments is ~18 GB, so raise N for real models")
+    resume: bool = _f(False, "continue each run from its checkpoint.pt (same flags; --steps may grow); "
+                             "a run without one starts at step 0")
     self_distill: bool = _f(False, "sanity mode: the teacher is the student itself; the loss must be 0")
+
+
+LOSS_AGG = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")   # verl's names
+
+
+def validate_config(cfg: Config) -> None:
+    """Every flag's allowed values and combinations, in one place, checked before anything is
+    built or loaded. A bad value prints one line naming the flag, the value and what is
+    allowed, and exits with code 2 (argparse's code for a usage error); warnings go on."""
+    methods = list(METHODS) if cfg.methods == "all" else [m.strip() for m in cfg.methods.split(",") if m.strip()]
+    floats = [f.name for f in dataclasses.fields(Config) if f.type in ("float", float)]
+    rules = [  # (field, holds, what is allowed)
+        *[(name, math.isfinite(getattr(cfg, name)), "a finite number") for name in floats],
+        ("methods", bool(methods) and all(m in METHODS for m in methods), "'all' or a comma-separated list of " + ", ".join(METHODS)),
+        ("seeds", cfg.seeds >= 1, ">= 1"),
+        ("seed", cfg.seed >= 0, ">= 0"),
+        ("device", re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device) is not None, "'cpu', 'cuda' or 'cuda:N'"),
+        ("device", cfg.device == "cpu" or torch.cuda.is_available(), "'cpu' on this machine: no CUDA device is visible"),
+        ("workers", cfg.workers >= 0, ">= 0 (0: one per CPU core)"),
+        ("threads", cfg.threads >= 1, ">= 1"),
+        ("teacher" if cfg.teacher else "student", bool(cfg.teacher) == bool(cfg.student),
+         f"given together with --{'student' if cfg.teacher else 'teacher'}, or neither (the default pair)"),
+        *[(f"{role}_{k}", getattr(cfg, f"{role}_{k}") >= 1, ">= 1") for role in ("teacher", "student") for k in ("layers", "steps")],
+        *[(f"{role}_width", getattr(cfg, f"{role}_width") >= 4 and getattr(cfg, f"{role}_width") % 4 == 0,
+           "a positive multiple of 4 (the default pair has 4 attention heads)") for role in ("teacher", "student")],
+        *[(f"{role}_free_frac", 0 <= getattr(cfg, f"{role}_free_frac") <= 1, "between 0 and 1") for role in ("teacher", "student")],
+        ("teacher_overrun_frac", 0 <= cfg.teacher_overrun_frac <= 1 - cfg.teacher_free_frac,
+         f"between 0 and 1 - --teacher-free-frac ({1 - cfg.teacher_free_frac:g})"),
+        ("gold_size", cfg.gold_size >= 0, ">= 0 (0: every prompt's own answer)"),
+        ("pretrain_lr", cfg.pretrain_lr > 0, "> 0"),
+        ("steps", cfg.steps >= 1, ">= 1"),
+        ("batch_size", cfg.batch_size >= 1, ">= 1"),
+        ("lr", cfg.lr > 0, "> 0"),
+        ("temperature", cfg.temperature > 0, "> 0 (sampling divides the logits by it)"),
+        ("max_new_tokens", cfg.max_new_tokens >= 1, "at least 1"),
+        ("objective", cfg.objective in ("sampled", "full"), "'sampled' or 'full'"),
+        ("loss_agg", cfg.loss_agg in LOSS_AGG, "one of " + ", ".join(LOSS_AGG)),
+        ("warmup", cfg.warmup >= 0, ">= 0"),
+        ("grad_clip", cfg.grad_clip > 0, "> 0"),
+        ("chunk_size", cfg.chunk_size >= 0, ">= 0 (0: all positions at once)"),
+        ("length_groups", cfg.length_groups >= 1, ">= 1"),
+        ("opd_coef", cfg.opd_coef >= 0, ">= 0"),
+        ("opd_coef", cfg.opd_coef > 0 or cfg.sft_coef > 0, "> 0 unless --sft-coef is (otherwise nothing is trained)"),
+        ("ref_kl", cfg.ref_kl >= 0, ">= 0"),
+        ("sft_coef", cfg.sft_coef >= 0, ">= 0"),
+        ("trunc_weight", 0 <= cfg.trunc_weight <= 1, "between 0 and 1"),
+        ("overlong_buffer", 0 <= cfg.overlong_buffer <= cfg.max_new_tokens, f"between 0 and --max-new-tokens ({cfg.max_new_tokens})"),
+        ("adv_regulation", cfg.adv_regulation in ("none", "log", "clip"), "'none', 'log' or 'clip'"),
+        ("adv_clip", cfg.adv_clip > 0, "> 0"),
+        ("rep_penalty", cfg.rep_penalty > 0, "> 0 (1: off)"),
+        ("rep_window", cfg.rep_window >= 1, ">= 1"),
+        ("rep_tau", cfg.rep_tau > 0, "> 0"),
+        ("alert_max_len", cfg.alert_max_len >= 0, ">= 0 (0: off)"),
+        ("alert_trunc", 0 <= cfg.alert_trunc <= 1, "between 0 and 1"),
+        ("alert_rep", 0 <= cfg.alert_rep <= 1, "between 0 and 1"),
+        ("alert_growth", cfg.alert_growth > 0, "> 0"),
+        ("alert_patience", cfg.alert_patience >= 1, ">= 1"),
+        ("eval_every", cfg.eval_every >= 1, ">= 1"),
+        ("eval_size", cfg.eval_size >= 1, ">= 1"),
+        ("log_samples_every", cfg.log_samples_every >= 0, ">= 0 (0: off)"),
+        ("save_every", cfg.save_every >= 0, ">= 0 (0: off)"),
+    ]
+    for name, holds, allowed in rules:
+        if not holds:
+            print(f"error: --{name.replace('_', '-')} must be {allowed} (got {getattr(cfg, name)!r})", file=sys.stderr)
+            sys.exit(2)
+    if cfg.objective == "full" and (cfg.overlong_buffer or cfg.adv_regulation != "none" or cfg.eos_mask):
+        print("[check] warning: --overlong-buffer, --adv-regulation and --eos-mask shape the sampled-token "
+              "advantage; with --objective full they have no effect", flush=True)
 
 
 # =============================================================================
@@ -516,6 +592,11 @@ class LengthMonitor:
 # 4. Length inflation reproduced: rollouts, the loop, the guard
 # =============================================================================
 
+# transformers renamed the KV cache's argument and output field from `past_key_values` to
+# `cache` during 5.x; reading the name off the output class runs on releases on either side
+CACHE = "cache" if "cache" in transformers.modeling_outputs.CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 @torch.no_grad()
 def sample_rollouts(model, prompt_ids, prompt_mask, max_new_tokens: int, eos_id: int, pad_id: int,
                     temperature: float = 1.0, greedy: bool = False, rep_penalty: float = 1.0, generator=None):
@@ -527,7 +608,7 @@ def sample_rollouts(model, prompt_ids, prompt_mask, max_new_tokens: int, eos_id:
     attn = prompt_mask.clone()                                   # (b, P) b = live rows
     pos = (attn.cumsum(-1) - 1).clamp(min=0)                     # (b, P) left padding aware
     out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, use_cache=True)
-    cache, logits = out.cache, out.logits[:, -1].float()         # (b, V)
+    cache, logits = getattr(out, CACHE), out.logits[:, -1].float()   # (b, V)
     live = torch.arange(B, device=prompt_ids.device)             # (b,) batch index of each live row
     penalize = rep_penalty != 1.0
     seen = torch.zeros_like(logits, dtype=torch.bool) if penalize else None   # (b, V) tokens already generated
@@ -542,7 +623,7 @@ def sample_rollouts(model, prompt_ids, prompt_mask, max_new_tokens: int, eos_id:
             nxt = torch.multinomial(F.softmax(logits / temperature, -1), 1, generator=generator).squeeze(-1)  # (b,)
         tokens[live, t] = nxt
         if penalize:
-            seen[torch.arange(len(nxt)), nxt] = True
+            seen[torch.arange(len(nxt), device=nxt.device), nxt] = True
         going = nxt != eos_id                                    # (b,)
         if not going.all():                                      # drop the rows that just ended
             keep = going.nonzero().squeeze(-1)
@@ -553,8 +634,8 @@ def sample_rollouts(model, prompt_ids, prompt_mask, max_new_tokens: int, eos_id:
             break
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)   # (b, P+t)
         pos = pos[:, -1:] + 1                                        # (b, 1)
-        out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, cache=cache, use_cache=True)
-        cache, logits = out.cache, out.logits[:, -1].float()
+        out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, use_cache=True, **{CACHE: cache})
+        cache, logits = getattr(out, CACHE), out.logits[:, -1].float()
     return tokens[:, :t + 1]                                     # (B, T)
 
 
@@ -640,28 +721,35 @@ def run_opd(cfg: Config, method: str = "opd"):
                             cfg.alert_growth, window=cfg.rep_window, tau=cfg.rep_tau, patience=cfg.alert_patience)
     run_dir = Path(cfg.out_dir) / (cfg.run_name or f"{method}-s{cfg.seed}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path, ckpt_path = run_dir / "metrics.jsonl", run_dir / "checkpoint.pt"
+    start, healthy, kept = 0, None, []                           # healthy: guard's last healthy student + optimizer
+    if cfg.resume and ckpt_path.exists():
+        start, healthy = load_checkpoint(ckpt_path, cfg, student, opt, sched, rng, gold_rng, eval_gen, monitor, device)
+        kept = [r for r in read_metrics(metrics_path) if r["step"] < start] if metrics_path.exists() else []
+        print(f"[{method} s{cfg.seed}] resumed at step {start} from {ckpt_path}", flush=True)
+    elif cfg.resume:
+        print(f"[{method} s{cfg.seed}] no checkpoint at {ckpt_path}: starting at step 0", flush=True)
     if metrics_path.exists():                                    # never lose an earlier run's log
         metrics_path.replace(run_dir / "metrics.prev.jsonl")
     (run_dir / "config.json").write_text(json.dumps(dict(dataclasses.asdict(cfg), method=method), indent=1))
-    healthy = None                                               # guard: last healthy student + optimizer
     log = open(metrics_path, "w")
+    log.writelines(json.dumps(r) + "\n" for r in kept)           # the steps before the checkpoint
     eval_m, t_eval = {}, 0.0
     try:
-        for step in range(cfg.steps + 1):
+        for step in range(start, cfg.steps + 1):
             # --- held-out evaluation, greedy and sampled, before the update of this step
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                t = time.time()
+                t = clock(device)
                 ev = evaluate(student, tokenizer, data["eval"], cfg.max_new_tokens, device, window=cfg.rep_window, tau=cfg.rep_tau)
                 ev["accuracy_sampled"] = evaluate(student, tokenizer, data["eval"], cfg.max_new_tokens, device,
                                                   temperature=cfg.temperature, generator=eval_gen)["accuracy"]
-                eval_m, t_eval = {f"eval/{k}": v for k, v in ev.items()}, time.time() - t
+                eval_m, t_eval = {f"eval/{k}": v for k, v in ev.items()}, clock(device) - t
             if step == cfg.steps:
                 m = {"step": step, **eval_m}
                 log.write(json.dumps(m) + "\n")
                 break
             # --- 1. the student samples
-            t0 = time.time()
+            t0 = clock(device)
             batch = data["sample"](cfg.batch_size, rng)
             p_ids, p_attn = encode_batch(tokenizer, [e["prompt"] for e in batch], device)
             student.eval()
@@ -672,12 +760,16 @@ def run_opd(cfg: Config, method: str = "opd"):
             seq = torch.cat([p_ids, resp], 1)                                                # (B, P+T)
             attn = torch.cat([p_attn, mask.long()], 1)                                       # (B, P+T)
             P = p_ids.shape[1]
-            t1 = time.time()
-            # --- 2. the teacher scores the same tokens: one no-grad forward
+            t1 = clock(device)
+            # --- 2. the teacher scores the same tokens: one no-grad forward, after the prompt in its
+            # own chat format when the two differ (section 6); the response ids are shared
+            t_ids, t_attn = (p_ids, p_attn) if data["teacher_tok"] is None else \
+                left_pad(prompt_token_ids(data["teacher_tok"], [e["prompt"] for e in batch]), pad, device)  # (B, P_t)
             with torch.no_grad():
-                h_t = response_hidden_states(teacher, seq, attn, P, cfg.length_groups)        # (B, T, H_t)
+                h_t = response_hidden_states(teacher, torch.cat([t_ids, resp], 1), torch.cat([t_attn, mask.long()], 1),
+                                             t_ids.shape[1], cfg.length_groups)                    # (B, T, H_t)
                 h_ref = response_hidden_states(ref, seq, attn, P, cfg.length_groups) if cfg.ref_kl > 0 else None
-            t2 = time.time()
+            t2 = clock(device)
             # --- 3. the student's one forward: loss and metrics both come from it
             h_s = response_hidden_states(student, seq, attn, P, cfg.length_groups)            # (B, T, H_s)
             terms = token_terms(h_s, student.get_output_embeddings(), h_t, teacher.get_output_embeddings(),
@@ -715,7 +807,7 @@ def run_opd(cfg: Config, method: str = "opd"):
             torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
             opt.step()
             sched.step()
-            t3 = time.time()
+            t3 = clock(device)
             # --- 5. monitor
             seqs = [resp[i, :lengths[i]].tolist() for i in range(resp.shape[0])]
             mon = monitor.update(seqs, step)
@@ -737,6 +829,8 @@ def run_opd(cfg: Config, method: str = "opd"):
                           f"now ref_kl={cfg.ref_kl} sft_coef={cfg.sft_coef}", flush=True)
             log.write(json.dumps(m) + "\n")
             log.flush()
+            if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
+                save_checkpoint(ckpt_path, step + 1, student, opt, sched, rng, gold_rng, eval_gen, monitor, healthy, cfg)
             print(f"[{method} s{cfg.seed}] step {step:4d} loss {m['loss/total']:+.4f} kl {m['kl/reverse']:.3f} "
                   f"len {m['rollout/len_mean']:5.1f} trunc {m['rollout/trunc_rate']:.2f} rep {m['rollout/rep_rate']:.2f} "
                   f"adv {m['adv/mean']:+.3f}" + (f" acc {m['eval/accuracy']:.3f}" if "eval/accuracy" in m else ""), flush=True)
@@ -750,10 +844,20 @@ def run_opd(cfg: Config, method: str = "opd"):
     total = sum(spent.values())
     print(f"[{method} s{cfg.seed}] time: " + ", ".join(f"{k} {v:.1f}s ({v / max(total, 1e-9):.0%})" for k, v in spent.items()),
           flush=True)
+    if device.type == "cuda":
+        print(f"[{method} s{cfg.seed}] peak CUDA memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB", flush=True)
     if cfg.save_student:
         student.save_pretrained(run_dir / "student")
         tokenizer.save_pretrained(run_dir / "student")
     return rows
+
+
+def clock(device) -> float:
+    """time.time() once the device has finished its queued work: CUDA runs asynchronously, so
+    without the wait a phase's time is booked to whichever later call first waits for it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.time()
 
 
 def token_terms(h_s, head_s, h_t, head_t, tokens, eos_id: int, temperature: float = 1.0, chunk: int = 0,
@@ -809,7 +913,7 @@ def rollout_metrics(terms, adv, mask, lengths, truncated, seqs, eos_id, cfg) -> 
     reg_tok = mask - rep_tok
     stopped = ~truncated
     last = (lengths - 1).clamp(min=0)                            # position of EOS where the rollout stopped
-    idx = torch.arange(B)
+    idx = torch.arange(B, device=mask.device)
     avg = lambda x, m: (x * m).sum().item() / m.sum().item() if m.sum() > 0 else float("nan")
     with torch.no_grad():
         lp_s, lp_t = terms["logp_student"].detach(), terms["logp_teacher"]
@@ -843,6 +947,50 @@ def guard_step(cfg, monitor, step, student, opt, healthy):
     cfg.sft_coef = max(cfg.sft_coef, STABLE_OPD["sft_coef"])
     healthy["acted"] = True
     return healthy, True
+
+
+def save_checkpoint(path: Path, step: int, student, opt, sched, rng, gold_rng, eval_gen, monitor, healthy, cfg: Config):
+    """Everything the loop needs to go on as if it had never stopped: `step` is the next step to
+    run. Written to a temporary file and renamed over the last checkpoint (an atomic replace),
+    so a kill mid-write leaves the previous one usable."""
+    state = {"step": step, "config": dataclasses.asdict(cfg), "student": student.state_dict(), "opt": opt.state_dict(),
+             "sched": sched.state_dict(), "torch_rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+             "task_rng": rng.getstate(), "gold_rng": gold_rng.getstate(), "eval_rng": eval_gen.get_state(),
+             "monitor": vars(monitor), "guard": healthy}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+RESUME_MAY_CHANGE = {"steps", "resume", "save_every", "workers", "threads", "device", "log_samples_every", "methods",
+                     "seeds", "out_dir", "plots_dir", "cache_dir", "run_name", "save_student"}
+
+
+def load_checkpoint(path: Path, cfg: Config, student, opt, sched, rng, gold_rng, eval_gen, monitor,
+                    device) -> tuple[int, dict | None]:
+    """Restore what save_checkpoint wrote, in place; returns (next step, guard state). Refuses a
+    checkpoint written with other settings, which would splice two different runs together."""
+    ck = torch.load(path, map_location=device, weights_only=False)     # this file's own pickle: RNG and monitor state
+    free = RESUME_MAY_CHANGE | ({"ref_kl", "sft_coef"} if cfg.guard else set())    # the guard raises them mid-run
+    changed = [f"--{k.replace('_', '-')} {v}" for k, v in ck["config"].items() if k not in free and getattr(cfg, k, v) != v]
+    if changed:
+        raise SystemExit(f"error: {path} was written with {', '.join(changed)}; resume with the same flags, or drop --resume "
+                         "to start over")
+    if ck["step"] > cfg.steps:
+        raise SystemExit(f"error: {path} is at step {ck['step']}, past --steps {cfg.steps}")
+    student.load_state_dict(ck["student"])
+    opt.load_state_dict(ck["opt"])
+    sched.load_state_dict(ck["sched"])
+    torch.set_rng_state(ck["torch_rng"].cpu())
+    if ck["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in ck["cuda_rng"]])
+    rng.setstate(ck["task_rng"])
+    gold_rng.setstate(ck["gold_rng"])
+    eval_gen.set_state(ck["eval_rng"].cpu() if eval_gen.device.type == "cpu" else ck["eval_rng"])
+    monitor.__dict__.update(ck["monitor"])
+    cfg.ref_kl, cfg.sft_coef = ck["config"]["ref_kl"], ck["config"]["sft_coef"]
+    return ck["step"], ck["guard"]
 
 
 def read_metrics(path) -> list[dict]:
@@ -931,11 +1079,18 @@ def load_pretrained(path: str, device, dtype=None):
         raise SystemExit(f"error: could not load a model from {path!r}: {e}\n"
                          "Give a folder written by save_pretrained or a hub id available offline "
                          "(HF_HUB_OFFLINE=1 uses the local cache only).") from None
+    # A shipped top_p=0.95 once silently truncated a trainer's "on-policy" samples (TRL PR #6337):
+    # sample_rollouts never reads generation_config, so say that it is ignored.
+    shipped = {k: getattr(model.generation_config, k, None) for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")}
+    if any(v is not None and v != {"top_k": 0, "min_p": 0}.get(k, 1.0) for k, v in shipped.items()):
+        print(f"[check] {path}: generation_config sets {', '.join(f'{k}={v}' for k, v in shipped.items() if v is not None)}; "
+              "ignored: rollouts sample the full distribution at --temperature", flush=True)
     return tok, model.to(device)
 
 
-def check_pair(tok_s, tok_t, model_s, model_t, prompts, max_new_tokens):
-    """The checks that catch the most common real-world OPD failures before the first step."""
+def check_pair(tok_s, tok_t, model_s, model_t, prompts, max_new_tokens) -> bool:
+    """The checks that catch the most common real-world OPD failures before the first step.
+    Returns True when the two chat formats differ: the teacher then reads each prompt in its own."""
     vs, vt = model_s.get_output_embeddings().weight.shape[0], model_t.get_output_embeddings().weight.shape[0]
     probe = "The quick brown fox 123 =+ \u00e9"
     if tok_s.get_vocab() != tok_t.get_vocab() or tok_s(probe)["input_ids"] != tok_t(probe)["input_ids"]:
@@ -952,12 +1107,22 @@ def check_pair(tok_s, tok_t, model_s, model_t, prompts, max_new_tokens):
     if tok_s.pad_token_id is None:
         print("[check] warning: the student tokenizer has no pad token; using EOS as pad (masks use the first EOS).")
         tok_s.pad_token = tok_s.eos_token
-    ctx = getattr(model_s.config, "max_position_embeddings", None)
-    if ctx:
-        longest = max(len(ids) for ids in prompt_token_ids(tok_s, [p["prompt"] for p in prompts]))
-        if longest + max_new_tokens > ctx:
+    # Chat format: one probe conversation through each tokenizer's template. Rendered differently, a
+    # teacher scoring the student's rendering would grade answers to a prompt format it never saw
+    # (one report: +0.29 nats/token on the teacher's log-probs, tinker-cookbook #796). The response
+    # ids mean the same to both (same vocabulary), so the teacher reads its own rendering instead.
+    probe_s, probe_t = prompt_token_ids(tok_s, ["What is 2 + 2?"])[0], prompt_token_ids(tok_t, ["What is 2 + 2?"])[0]
+    own_format = probe_s != probe_t
+    if own_format:
+        print(f"[check] chat formats differ: the student renders a prompt as {tok_s.decode(probe_s)!r}, the teacher as "
+              f"{tok_t.decode(probe_t)!r}; the teacher scores each response after its own rendering of the prompt.", flush=True)
+    for tok, model, role in ((tok_s, model_s, "student"), (tok_t, model_t, "teacher")):
+        ctx = getattr(model.config, "max_position_embeddings", None)
+        longest = max(len(ids) for ids in prompt_token_ids(tok, [p["prompt"] for p in prompts]))
+        if ctx and longest + max_new_tokens > ctx:
             raise SystemExit(f"error: the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) exceeds "
-                             f"the student's context ({ctx}). Shorten the prompts or lower --max-new-tokens.")
+                             f"the {role}'s context ({ctx}). Shorten the prompts or lower --max-new-tokens.")
+    return own_format
 
 
 def read_prompts(path: str) -> list[dict]:
@@ -985,15 +1150,6 @@ def read_prompts(path: str) -> list[dict]:
 
 def load_models_and_data(cfg: Config, device):
     """Student, frozen teacher, tokenizer and the prompt source, all through from_pretrained."""
-    if cfg.max_new_tokens < 1:
-        raise SystemExit(f"error: --max-new-tokens must be at least 1 (got {cfg.max_new_tokens})")
-    if cfg.objective not in ("sampled", "full"):
-        raise SystemExit(f"error: --objective must be 'sampled' or 'full' (got {cfg.objective!r})")
-    if cfg.objective == "full" and (cfg.overlong_buffer or cfg.adv_regulation != "none" or cfg.eos_mask):
-        print("[check] warning: --overlong-buffer, --adv-regulation and --eos-mask shape the sampled-token "
-              "advantage; with --objective full they have no effect", flush=True)
-    if bool(cfg.teacher) != bool(cfg.student):
-        raise SystemExit("error: give both --teacher and --student, or neither (the default pair)")
     t_path, s_path = (cfg.teacher, cfg.student) if cfg.teacher else build_default_pair(cfg)
     # The student keeps float32 master weights: bf16 weights would round away updates of
     # lr ~1e-6. The frozen teacher needs no updates, so bf16 halves its memory on a GPU.
@@ -1013,7 +1169,9 @@ def load_models_and_data(cfg: Config, device):
     else:
         task = MotifTask(eval_size=cfg.eval_size)
         data = {"eval": task.eval_set, "sample": task.sample, "gold": task.gold_set(cfg.gold_size) if cfg.gold_size else None}
-    check_pair(tok_s, tok_t, student, teacher, data["eval"] or [data["sample"](1, random.Random(0))[0]], cfg.max_new_tokens)
+    own_format = check_pair(tok_s, tok_t, student, teacher, data["eval"] or [data["sample"](1, random.Random(0))[0]],
+                            cfg.max_new_tokens)
+    data["teacher_tok"] = tok_t if own_format else None         # the teacher reads prompts in its own chat format
     return student, teacher, tok_s, data
 
 
@@ -1045,13 +1203,12 @@ def loss_peak_memory(vocab=152_000, batch=4, length=1024, hidden=256, chunk=0, f
 # =============================================================================
 
 def config_for(base: Config, method: str, seed: int) -> Config:
-    if method not in METHODS:
-        raise SystemExit(f"error: unknown method {method!r}; choose from {', '.join(METHODS)}")
     cfg = dataclasses.replace(base, seed=seed, run_name=base.run_name if base.seeds == 1 and base.run_name else "")
     defaults = {f.name: f.default for f in dataclasses.fields(Config)}
     for k, v in METHODS[method].items():          # a flag the user set wins over the preset
         if getattr(base, k) == defaults[k]:
             setattr(cfg, k, v)
+    validate_config(cfg)                          # a preset combined with the flags must be valid too
     return cfg
 
 
@@ -1097,9 +1254,16 @@ def study_plots_dir(cfg: Config) -> Path:
     other setting <out_dir>/plots, so `--methods opd --seeds 1` does not overwrite them."""
     if cfg.plots_dir:
         return Path(cfg.plots_dir)
-    neutral = {"workers", "threads", "device", "out_dir", "cache_dir", "plots_dir", "log_samples_every"}
+    neutral = {"workers", "threads", "device", "out_dir", "cache_dir", "plots_dir", "log_samples_every", "save_every", "resume"}
     changed = [f.name for f in dataclasses.fields(Config) if f.name not in neutral and getattr(cfg, f.name) != f.default]
     return Path(cfg.out_dir) / "plots" if changed else Path("plots")
+
+
+def study_workers(base: Config, n_jobs: int) -> int:
+    """--workers, or by default one process per CPU core this process may use (each with
+    --threads threads), never more than there are runs."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(base.workers or cores // base.threads, n_jobs))
 
 
 def run_study(base: Config):
@@ -1107,9 +1271,11 @@ def run_study(base: Config):
     jobs = [(config_for(base, m, base.seed + i), m) for i in range(base.seeds) for m in methods]
     load_models_and_data(base, torch.device(base.device))      # build or check the pair once, before any worker
     t0 = time.time()
-    if base.workers > 1 and len(jobs) > 1 and not base.teacher:   # real models: one process, they fill the device
+    workers = study_workers(base, len(jobs))
+    if workers > 1 and not base.teacher:                          # real models: one process, they fill the device
         import multiprocessing as mp
-        with mp.get_context("spawn").Pool(base.workers) as pool:
+        print(f"[study] {len(jobs)} runs in {workers} processes of {base.threads} thread(s) each", flush=True)
+        with mp.get_context("spawn").Pool(workers) as pool:
             results = pool.map(_run_job, jobs, chunksize=1)
     else:
         results = [_run_job(j) for j in jobs]
@@ -1283,15 +1449,19 @@ def parse_config(argv=None) -> Config:
         else:
             typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
             p.add_argument(flag, type=typ, default=f.default, help=f.metadata["help"])
-    return Config(**vars(p.parse_args(argv)))
+    p.error = lambda message: p.exit(2, f"error: {message} (python opd.py --help lists every flag)\n")  # one line
+    cfg = Config(**vars(p.parse_args(argv)))
+    validate_config(cfg)
+    return cfg
 
 
 if __name__ == "__main__":
     cfg = parse_config()
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but no CUDA device is visible; use --device cpu")
     try:
         run_study(cfg)
     except KeyboardInterrupt:
-        raise SystemExit(f"\ninterrupted: every completed step is in {cfg.out_dir}/<run>/metrics.jsonl; "
-                         "the cached model pair is intact. Rerun the same command to start over.")
+        again = " ".join(shlex.quote(a) for a in [sys.executable, sys.argv[0], *sys.argv[1:]] if a != "--resume")
+        raise SystemExit(f"\ninterrupted: every completed step is in {cfg.out_dir}/<run>/metrics.jsonl; the cached model "
+                         "pair is intact. " + (f"Each run keeps a checkpoint every {cfg.save_every} steps; continue with:\n"
+                                               f"  {again} --resume" if cfg.save_every else
+                                               "Without --save-every there is no checkpoint: rerun the same command to start over."))

@@ -498,6 +498,81 @@ def test_self_distillation_zero_loss_and_unchanged(work):
         assert torch.equal(p, q), n
 
 
+def test_resumed_run_equals_straight_run(work, monkeypatch):
+    """6 steps straight = 3 steps, an interrupt, and 3 resumed steps, metric for metric: student,
+    optimizer, scheduler, both RNGs, monitor (its EMA feeds rollout/growth) and guard state all
+    come back. stable-opd + guard also checks that the reference model stays the initial student."""
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+    cfg = lambda name, **kw: _tiny_cfg(work, "stable-opd", run_name=name, steps=6, guard=True, **kw)
+    straight = opd.run_opd(cfg("straight", save_every=0))
+    real = opd.LengthMonitor.update
+
+    def interrupted(self, seqs, step):
+        if step == 4:
+            raise KeyboardInterrupt                                  # Ctrl-C after step 3 was logged
+        return real(self, seqs, step)
+
+    monkeypatch.setattr(opd.LengthMonitor, "update", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        opd.run_opd(cfg("cut", save_every=3))
+    monkeypatch.undo()
+    run_dir = work / "inproc" / "cut"
+    assert [r["step"] for r in opd.read_metrics(run_dir / "metrics.jsonl")] == [0, 1, 2, 3]
+    assert opd.torch.load(run_dir / "checkpoint.pt", weights_only=False)["step"] == 3
+    resumed = opd.run_opd(cfg("cut", save_every=3, resume=True))
+    assert [r["step"] for r in resumed] == list(range(7))
+    assert strip(resumed) == strip(straight)
+    with pytest.raises(SystemExit, match="was written with --lr 0.001"):   # other settings: refused, nothing lost
+        opd.run_opd(cfg("cut", save_every=3, resume=True, lr=3e-4))
+    assert strip(opd.read_metrics(run_dir / "metrics.jsonl")) == strip(straight)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    """A kill in the middle of torch.save leaves the previous checkpoint whole."""
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    mon, rng, path = opd.LengthMonitor(2, 8), random.Random(0), tmp_path / "checkpoint.pt"
+    opd.save_checkpoint(path, 5, model, opt, sched, rng, mon, None, opd.Config())
+    real = torch.save
+
+    def killed(obj, f):
+        real(obj, f)
+        Path(f).write_bytes(Path(f).read_bytes()[:100])              # half written, then the process dies
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(opd.torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        opd.save_checkpoint(path, 10, model, opt, sched, rng, mon, None, opd.Config())
+    assert torch.load(path, weights_only=False)["step"] == 5
+
+
+def test_ctrl_c_names_the_resume_command(work, tmp_path):
+    """SIGINT during a study: the message gives the command that continues it, and that command
+    finishes the run from its checkpoint."""
+    import shlex
+    import signal
+    args = [*TINY, "--methods", "opd", "--seeds", "1", "--steps", "30", "--eval-every", "15", "--save-every", "2", "--cache-dir",
+            str(work / "cache"), "--out-dir", str(tmp_path / "runs"), "--plots-dir", str(tmp_path / "plots")]
+    p = subprocess.Popen([sys.executable, str(HERE / "opd.py"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, cwd=HERE, env=dict(os.environ, PYTHONPATH=str(HERE)))
+    for line in p.stdout:
+        if "step    3" in line:
+            break
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 1 and "Traceback" not in err, err
+    cmd = shlex.split(err.strip().splitlines()[-1])
+    assert cmd[-1] == "--resume" and cmd[2:-1] == args, err
+    done = [r["step"] for r in opd.read_metrics(tmp_path / "runs" / "opd-s0" / "metrics.jsonl")]
+    assert 4 <= len(done) < 31                                        # stopped mid-run
+    cfg = opd.parse_config(cmd[2:])                                   # the printed command, run in-process
+    rows = opd.run_opd(opd.config_for(cfg, "opd", cfg.seed), "opd")
+    assert [r["step"] for r in rows] == list(range(31)) and cfg.resume
+    assert opd.read_metrics(tmp_path / "runs" / "opd-s0" / "metrics.jsonl")[:len(done) - 2] == \
+        opd.read_metrics(tmp_path / "runs" / "opd-s0" / "metrics.prev.jsonl")[:len(done) - 2]   # earlier steps kept as logged
+
+
 @pytest.mark.parametrize("method", ["stable-opd", "drop-trunc", "overlong", "adv-log", "eos-mask", "rep-penalty",
                                     "opd+guard", "full-vocab"])
 def test_every_method_runs(work, method):
@@ -539,9 +614,56 @@ def test_prompt_file_errors(work, tmp_path):
         assert r.returncode != 0 and msg in r.stderr, r.stderr[-500:]
 
 
-def test_max_new_tokens_must_be_positive(work, tmp_path):
-    r = cli(*TINY, "--max-new-tokens", "0", "--cache-dir", str(work / "cache"), "--out-dir", str(tmp_path), check=False)
-    assert r.returncode != 0 and "--max-new-tokens must be at least 1" in r.stderr
+# one bad value per numeric or choice flag (a new such flag without an entry here fails the test below)
+BAD_VALUES = {
+    "methods": "opd,nope", "seeds": "0", "seed": "-1", "device": "gpu", "workers": "-1", "teacher_layers": "0",
+    "teacher_width": "30", "teacher_steps": "0", "teacher_free_frac": "1.5", "teacher_overrun_frac": "0.6", "gold_size": "-1", "opd_coef": "-1", "student_layers": "0", "student_width": "0",
+    "student_steps": "-3", "student_free_frac": "-0.1", "pretrain_lr": "0", "steps": "0", "batch_size": "0", "lr": "-1",
+    "temperature": "0", "max_new_tokens": "0", "objective": "kl", "loss_agg": "sum", "warmup": "-1", "grad_clip": "0",
+    "chunk_size": "-8", "length_groups": "0", "ref_kl": "-0.1", "sft_coef": "nan", "trunc_weight": "2",
+    "overlong_buffer": "49", "adv_regulation": "tanh", "adv_clip": "0", "rep_penalty": "0", "rep_window": "0",
+    "rep_tau": "-1", "alert_max_len": "-1", "alert_trunc": "1.2", "alert_rep": "-0.5", "alert_growth": "0",
+    "alert_patience": "0", "eval_every": "0", "eval_size": "0", "log_samples_every": "-1", "threads": "0", "save_every": "-1",
+    "teacher": "some/path", "student": "some/path",             # each without the other
+}
+
+
+def test_every_numeric_or_choice_flag_has_a_bad_value():
+    numeric = {f.name for f in opd.dataclasses.fields(opd.Config) if f.type in ("int", "float")}
+    choice = {"methods", "device", "objective", "loss_agg", "adv_regulation"}
+    assert numeric | choice <= set(BAD_VALUES), sorted(numeric | choice - set(BAD_VALUES))
+
+
+@pytest.mark.parametrize("name", sorted(BAD_VALUES))
+def test_bad_flag_value_one_line_exit_2(name, capsys):
+    flag, value = "--" + name.replace("_", "-"), BAD_VALUES[name]
+    with pytest.raises(SystemExit) as e:
+        opd.parse_config([flag, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    typ = {"int": int, "float": float, "str": str}[{f.name: f.type for f in opd.dataclasses.fields(opd.Config)}[name]]
+    assert err.startswith(f"error: {flag} must be ") and err.rstrip().endswith(f"(got {typ(value)!r})"), err
+
+
+def test_bad_flag_through_the_command_line(tmp_path):
+    """As a new user types it: no traceback, one line on stderr, exit code 2, nothing built."""
+    r = cli("--temperature", "0", "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "r"), check=False)
+    assert r.returncode == 2 and r.stderr == "error: --temperature must be > 0 (sampling divides the logits by it) (got 0.0)\n"
+    assert not r.stdout and not (tmp_path / "cache").exists() and not (tmp_path / "r").exists()
+
+
+def test_unparsable_flag_value_one_line_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        opd.parse_config(["--lr", "abc"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: argument --lr: invalid float value: 'abc'")
+
+
+def test_preset_combined_with_flags_is_validated(capsys):
+    base = opd.parse_config(["--max-new-tokens", "8"])                # valid alone
+    with pytest.raises(SystemExit) as e:
+        opd.config_for(base, "overlong", 0)                           # the preset's buffer of 12 exceeds the budget of 8
+    assert e.value.code == 2 and "--overlong-buffer must be between 0 and --max-new-tokens (8) (got 12)" in capsys.readouterr().err
 
 
 def test_mismatched_tokenizers(tmp_path):
@@ -596,6 +718,17 @@ def test_documented_flags_exist():
     assert {"teacher-free-frac", "student-free-frac", "alert-patience"} <= flags     # the pattern finds them
     known = {f.name.replace("_", "-") for f in opd.dataclasses.fields(opd.Config)}
     assert not flags - known - {"help"}, f"the docs name flags opd.py lacks: {sorted(flags - known)}"
+
+
+def test_study_workers_default_to_cores_capped_by_runs(monkeypatch):
+    monkeypatch.setattr(opd.os, "sched_getaffinity", lambda pid: set(range(8)))     # an 8-core machine
+    assert opd.study_workers(opd.Config(), 33) == 8                                  # the whole study
+    assert opd.study_workers(opd.Config(), 3) == 3                                   # --methods opd: 3 seeds
+    assert opd.study_workers(opd.Config(threads=2), 33) == 4                         # cores / threads
+    assert opd.study_workers(opd.Config(workers=2), 33) == 2                         # the flag wins
+    assert opd.study_workers(opd.Config(workers=5), 1) == 1
+    monkeypatch.setattr(opd.os, "sched_getaffinity", lambda pid: {0})
+    assert opd.study_workers(opd.Config(threads=4), 33) == 1                         # never 0
 
 
 def test_study_plots_dir_keeps_committed_figures():
@@ -662,12 +795,13 @@ def test_real_pair_through_the_flags(real_pairs, arch, tmp_path):
     text = "bada kelo mi zo ruka"
     assert tok2(text)["input_ids"] == tok(text)["input_ids"] != []     # encodings, not just loading
     assert len(tok2) == 32_000 and tok2.chat_template
-    cli("--teacher", str(d / arch / "teacher"), "--student", str(d / arch / "student"), "--prompts",
-        str(d / "prompts.jsonl"), "--methods", "stable-opd", "--seeds", "1", "--steps", "2", "--batch-size", "4",
-        "--max-new-tokens", "8", "--eval-every", "1", "--chunk-size", "3", "--workers", "1",
-        "--out-dir", str(tmp_path / "runs"), "--plots-dir", str(tmp_path / "plots"))
+    r = cli("--teacher", str(d / arch / "teacher"), "--student", str(d / arch / "student"), "--prompts",
+            str(d / "prompts.jsonl"), "--methods", "stable-opd", "--seeds", "1", "--steps", "2", "--batch-size", "4",
+            "--max-new-tokens", "8", "--eval-every", "1", "--chunk-size", "3", "--workers", "1",
+            "--out-dir", str(tmp_path / "runs"), "--plots-dir", str(tmp_path / "plots"))
     rows = opd.read_metrics(tmp_path / "runs" / "stable-opd-s0" / "metrics.jsonl")
     assert len(rows) == 3 and set(opd.METRIC_KEYS) - {"eval/accuracy"} <= set().union(*rows)
+    assert "chat formats differ" not in r.stdout                        # one tokenizer: one format
 
 
 def test_real_pair_eos_mismatch(real_pairs, tmp_path):
@@ -679,3 +813,189 @@ def test_real_pair_eos_mismatch(real_pairs, tmp_path):
     r = cli("--teacher", str(tmp_path / "t"), "--student", str(d / "llama" / "student"), "--prompts",
             str(d / "prompts.jsonl"), "--steps", "1", "--out-dir", str(tmp_path / "r"), check=False)
     assert r.returncode != 0 and "EOS ids differ" in r.stderr and "length inflation" in r.stderr
+
+
+def _save_pair(d, tok_s, tok_t, arch="llama", scale=1.0):
+    """A student (1 layer) and a teacher (2 layers) saved with their tokenizers; scale > 1 makes the
+    random teacher a chaotic function of its input, so a changed prompt changes its log-probs."""
+    for role, tok, layers, width in (("student", tok_s, 1, 32), ("teacher", tok_t, 2, 64)):
+        torch.manual_seed({"student": 0, "teacher": 1}[role])
+        m = opd.make_model(tok, layers, width, arch)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.mul_(scale if role == "teacher" else 1.0)
+        m.save_pretrained(d / role)
+        tok.save_pretrained(d / role)
+    return str(d / "student"), str(d / "teacher")
+
+
+def _capture(monkeypatch):
+    """Record what the loop passes to sample_rollouts (training calls only) and what token_terms returns."""
+    seen = {"prompts": [], "terms": []}
+    real_sample, real_terms = opd.sample_rollouts, opd.token_terms
+
+    def sample(model, ids, attn, *a, greedy=False, **k):
+        if not greedy:
+            seen["prompts"].append((ids, attn))
+        return real_sample(model, ids, attn, *a, greedy=greedy, **k)
+
+    def terms(h_s, head_s, h_t, head_t, tokens, *a, **k):
+        out = real_terms(h_s, head_s, h_t, head_t, tokens, *a, **k)
+        seen["terms"].append((tokens, {n: v.detach() for n, v in out.items()}))
+        return out
+
+    monkeypatch.setattr(opd, "sample_rollouts", sample)
+    monkeypatch.setattr(opd, "token_terms", terms)
+    return seen
+
+
+def _real_cfg(d, s_path, t_path, prompts, **kw):
+    return opd.Config(**dict(dict(teacher=t_path, student=s_path, prompts=prompts, methods="opd", seeds=1, steps=2,
+                                  batch_size=6, max_new_tokens=6, eval_every=10, workers=1, log_samples_every=0,
+                                  out_dir=str(d / "runs")), **kw))
+
+
+def test_teacher_scores_in_its_own_chat_format(real_pairs, tmp_path, monkeypatch, capsys):
+    """Student and teacher share the vocabulary and EOS but not the chat template: the teacher's
+    log-probs in the loop equal a direct forward of the teacher on its own rendering of the prompt
+    followed by the student's response ids, and differ from those after the student's rendering."""
+    d, tok = real_pairs
+    tok_t = copy.deepcopy(tok)
+    tok_t.chat_template = ("{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                           "{% if add_generation_prompt %}### assistant:{% endif %}")
+    s_path, t_path = _save_pair(tmp_path, tok, tok_t, scale=8.0)
+    seen = _capture(monkeypatch)
+    opd.run_opd(_real_cfg(tmp_path, s_path, t_path, str(d / "prompts.jsonl")), "opd")
+    assert "chat formats differ" in capsys.readouterr().out
+    _, teacher = opd.load_pretrained(t_path, "cpu")
+    texts = sorted({json.loads(l)["prompt"] for l in (d / "prompts.jsonl").read_text().splitlines()})
+    by_ids = {tuple(opd.prompt_token_ids(tok, [t])[0]): t for t in texts}
+    checked = 0
+    for (ids, attn), (resp, terms) in zip(seen["prompts"], seen["terms"]):
+        _, lengths, _ = opd.response_mask(resp, tok.eos_token_id)
+        for i in range(resp.shape[0]):
+            text, y = by_ids[tuple(ids[i][attn[i].bool()].tolist())], resp[i, :lengths[i]]
+            direct = {}
+            for who, t in (("own", tok_t), ("student's", tok)):
+                p = opd.prompt_token_ids(t, [text])[0]
+                with torch.no_grad():
+                    logits = teacher(torch.tensor([p + y.tolist()])).logits[0, len(p) - 1:-1]
+                direct[who] = F.log_softmax(logits.float(), -1).gather(-1, y[:, None]).squeeze(-1)
+            got = terms["logp_teacher"][i, :lengths[i]]
+            torch.testing.assert_close(got, direct["own"], atol=1e-4, rtol=1e-4)
+            assert (got - direct["student's"]).abs().max() > 1e-2      # the other rendering would score differently
+            checked += 1
+    assert checked == 12 and len(set(by_ids.values())) == 2
+
+
+def test_pad_is_eos_keeps_the_stop_in_the_loss(tmp_path, monkeypatch):
+    """pad_token == eos_token (the default of several small models): every position after the
+    stop holds the EOS id too. The stopping EOS is in the mask and carries loss; nothing after it does."""
+    tok = opd.build_tokenizer()
+    tok.pad_token = tok.eos_token
+    s_path, t_path = _save_pair(tmp_path, tok, tok)
+    tok2, _ = opd.load_pretrained(s_path, "cpu")
+    assert tok2.pad_token_id == tok2.eos_token_id == tok.eos_token_id
+    rows = opd.MotifTask().sample(16, random.Random(0))
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    seen = _capture(monkeypatch)
+    losses, real = [], opd.aggregate_loss
+    monkeypatch.setattr(opd, "aggregate_loss", lambda per, w, *a, **k: losses.append((per.detach(), w)) or real(per, w, *a, **k))
+    out = opd.run_opd(_real_cfg(tmp_path, s_path, t_path, str(tmp_path / "p.jsonl"), batch_size=16, max_new_tokens=12), "opd")
+    eos, stops = tok.eos_token_id, 0
+    for (resp, _), (per_token, weights), row in zip(seen["terms"], losses, [r for r in out if "loss/total" in r]):
+        lengths = []
+        for i, ids in enumerate(resp.tolist()):
+            L = ids.index(eos) + 1 if eos in ids else len(ids)       # through the first EOS
+            lengths.append(L)
+            assert weights[i, :L].tolist() == [1.0] * L and not weights[i, L:].any()
+            if L < len(ids):                                          # stopped early: EOS padding follows
+                assert set(ids[L - 1:]) == {eos} and per_token[i, L - 1] != 0
+                stops += 1
+        assert row["rollout/len_mean"] == pytest.approx(sum(lengths) / len(lengths))
+    assert stops >= 4, stops                                          # the case was exercised
+
+
+def test_sampling_ignores_generation_config(tmp_path, capsys):
+    """A model that ships top_p=0.5, top_k=3: rollouts still come from the full softmax at the
+    loss temperature (a frequency test on 4,000 first tokens)."""
+    tok = opd.build_tokenizer()
+    torch.manual_seed(0)
+    model = opd.make_model(tok, 1, 16)
+    model.generation_config.update(do_sample=True, top_p=0.5, top_k=3, temperature=0.3)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    _, m = opd.load_pretrained(str(tmp_path), "cpu")
+    assert (m.generation_config.top_p, m.generation_config.top_k) == (0.5, 3)
+    assert "generation_config sets temperature=0.3, top_p=0.5, top_k=3" in capsys.readouterr().out
+    m.eval()
+    ids, attn = opd.encode_batch(tok, ["a b c x 2 ="])
+    N, temp = 4000, 0.7
+    with torch.no_grad():
+        p = F.softmax(m(ids).logits[0, -1] / temp, -1)                # the distribution the loss assumes
+    assert 1 - p.topk(3).values.sum() > 0.3                           # top-k/top-p would cut a visible share
+    torch.manual_seed(1)
+    first = opd.sample_rollouts(m, ids.repeat(N, 1), attn.repeat(N, 1), 1, tok.eos_token_id, tok.pad_token_id, temp)[:, 0]
+    freq = torch.bincount(first, minlength=len(p)).double() / N
+    assert (freq > 0).sum() > 3
+    assert ((freq - p).abs() <= 5 * (p * (1 - p) / N).sqrt() + 1e-3).all(), (freq, p)
+
+
+# ----------------------------------------------------------------------------- TRL (requirements-test.txt)
+
+def test_trl_distillation_trainer_recipe(real_pairs, tmp_path):
+    """The tutorial's MonitoredDistillationTrainer, exactly as written there, trains a tiny local
+    pair for 3 steps; the monitor's figures match TRL's own completion metrics step by step."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import DistillationConfig
+    blocks = re.findall(r"```python\n(.*?)```", (HERE / "tutorial.md").read_text(), re.S)
+    ns = {}
+    exec(next(b for b in blocks if "class MonitoredDistillationTrainer" in b), ns)
+    d, tok = real_pairs
+    tok = copy.deepcopy(tok)
+    tok.padding_side = "left"                                         # TRL generates from left-padded prompts
+    student, teacher = (AutoModelForCausalLM.from_pretrained(d / "llama" / r) for r in ("student", "teacher"))
+    prompts = Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in ["bada kelo mi", "zo ruka"] * 6])
+    args = DistillationConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, max_completion_length=6,
+                              logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, seed=0,
+                              beta=1.0, temperature=1.0, disable_tqdm=True)
+    trainer = ns["MonitoredDistillationTrainer"](model=student, teacher_model=teacher, args=args, train_dataset=prompts,
+                                                 processing_class=tok)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "rollout/len_mean" in h]
+    assert len(logs) == 3 and len(trainer.length_monitor.history) == 3
+    for h in logs:
+        assert h["rollout/len_mean"] == pytest.approx(h["completions/mean_length"])
+        assert h["rollout/trunc_rate"] == pytest.approx(h["completions/clipped_ratio"])
+        assert math.isfinite(h["loss"]) and {"rollout/rep_rate", "rollout/growth"} <= set(h)
+
+
+@given(logits_pair(max_b=3, max_t=6, max_v=10), st.floats(0.5, 2.0), st.integers(0, 99))
+def test_trl_reverse_kl_equals_full_vocab_loss(pair, temperature, seed):
+    """opd's full-vocabulary reverse KL with token-mean = TRL's generalized_jsd_loss(beta=1) (the GKD
+    trainer's loss) and the chunked loss DistillationTrainer trains with: values and gradients."""
+    from trl.experimental.gkd import GKDTrainer
+    from trl.trainer.distillation_trainer import _chunked_divergence_loss
+    a, b = pair
+    g = torch.Generator().manual_seed(seed)
+    mask = (torch.rand(a.shape[:2], generator=g) < 0.7).double()
+    mask[0, 0] = 1.0                                                   # at least one real token
+    labels = torch.where(mask.bool(), 0, -100)
+
+    def grad_of(loss_fn):
+        x = a.clone().requires_grad_(True)
+        loss = loss_fn(x)
+        return loss.detach(), torch.autograd.grad(loss, x)[0]
+
+    ours = grad_of(lambda x: opd.aggregate_loss(opd.full_vocab_reverse_kl(F.log_softmax(x / temperature, -1),
+                                                                           F.log_softmax(b / temperature, -1)), mask, "token-mean"))
+    gkd = grad_of(lambda x: GKDTrainer.generalized_jsd_loss(x, b, labels, beta=1.0, temperature=temperature))
+    for o, t in zip(ours, gkd):
+        torch.testing.assert_close(o, t)
+    # DistillationTrainer projects hidden states through the heads itself (identity heads here, so the
+    # logits are a and b) and computes in float32
+    eye = torch.eye(a.shape[-1], dtype=torch.float64)
+    dist = grad_of(lambda x: _chunked_divergence_loss(x, b, eye, eye, mask, beta=1.0, temperature=temperature)[0])
+    for o, t in zip(ours, dist):
+        torch.testing.assert_close(o, t.double(), rtol=1e-4, atol=1e-5)

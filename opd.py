@@ -75,8 +75,8 @@ class Config:
     device: str = _f("cpu", "'cpu' or 'cuda'; the default pair is small enough for a CPU")
     workers: int = _f(2, "parallel processes for the study (2 cores here: 2 single-threaded runs beat 1 two-threaded)")
     # --- model pair (empty paths: build the default pair of section 2)
-    teacher: str = _f("", "teacher path or hub id; empty: the self-built default teacher")
-    student: str = _f("", "student path or hub id; empty: the self-built default student")
+    teacher: str = _f("", "teacher folder, .gguf file (needs gguf + accelerate) or hub id; empty: the self-built default teacher")
+    student: str = _f("", "student folder, .gguf file (needs gguf + accelerate) or hub id; empty: the self-built default student")
     prompts: str = _f("", "JSON-lines file of {'prompt': ..., 'answer': optional}; empty: the synthetic task")
     cache_dir: str = _f(".cache", "the default pair is saved here, in a folder keyed by its configuration")
     teacher_layers: int = _f(2, "two layers: enough to count motif repeats reliably")
@@ -840,22 +840,56 @@ METHODS = {                       # preset -> Config overrides, applied on top o
 # 6. Real models: any Hugging Face causal LM pair, checked before step 0
 # =============================================================================
 
+GGUF_INSTALL = "pip install gguf==0.19.0 accelerate==1.15.0"   # the pins of requirements-test.txt
+
+
 def load_pretrained(path: str, device, dtype=None):
-    """Tokenizer and causal LM through from_pretrained, with a clear error for a bad path."""
+    """Tokenizer and causal LM through from_pretrained, with a clear error for a bad path.
+
+    A `.gguf` file (llama.cpp's format) is dequantized by transformers' GGUF loader and
+    rebuilt as a plain model, so it trains, saves and reloads like any other."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    local = path.startswith(("/", "./", "../", "~")) or os.path.exists(path)
-    if local and not os.path.isdir(os.path.expanduser(path)):
-        raise SystemExit(f"error: model folder {path!r} does not exist. Give a folder written by save_pretrained, "
-                         "or a hub id such as Qwen/Qwen2.5-0.5B-Instruct.")
     path = os.path.expanduser(path)
+    gguf = path.endswith(".gguf")
+    local = gguf or path.startswith(("/", "./", "../")) or os.path.exists(path)
+    if local and not (os.path.isfile(path) if gguf else os.path.isdir(path)):
+        raise SystemExit(f"error: model {'file' if gguf else 'folder'} {path!r} does not exist. Give a folder written by "
+                         "save_pretrained, a .gguf file, or a hub id such as Qwen/Qwen2.5-0.5B-Instruct.")
+    if gguf:
+        try:
+            import accelerate, gguf as _  # noqa: F401  transformers' GGUF loader needs both
+        except ImportError:
+            raise SystemExit(f"error: {path!r} is a GGUF file; loading it needs the optional packages gguf and "
+                             f"accelerate: {GGUF_INSTALL}") from None
+    where, kw = (os.path.dirname(path) or ".", {"gguf_file": os.path.basename(path)}) if gguf else (path, {})
     try:
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(where, **kw)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: could not load a model from {path!r}: {e}\n"
                          "Give a folder written by save_pretrained or a hub id available offline "
                          "(HF_HUB_OFFLINE=1 uses the local cache only).") from None
+    if gguf:       # save_pretrained refuses a model marked "quantized with gguf": same weights, unmarked
+        del model.config.quantization_config
+        plain = AutoModelForCausalLM.from_config(model.config, dtype=model.dtype)
+        plain.load_state_dict(model.state_dict())
+        plain.generation_config, model = model.generation_config, plain
     return tok, model.to(device)
+
+
+def layer_dropped(model, keep):
+    """A student made of the layers `keep` (indices) of `model`, with its embeddings, final
+    norm and head: the layer-dropped initialisation of DistilBERT (Sanh et al. 2019,
+    arXiv 1910.01108), which shares the teacher's tokenizer by construction."""
+    student = copy.deepcopy(model)
+    base = getattr(student, student.base_model_prefix)
+    base.layers = torch.nn.ModuleList(base.layers[i] for i in keep)
+    for i, layer in enumerate(base.layers):                    # the KV cache is indexed by layer_idx
+        layer.self_attn.layer_idx = i
+    student.config.num_hidden_layers = len(base.layers)
+    if getattr(student.config, "layer_types", None):          # Qwen2: one attention type per layer
+        student.config.layer_types = [student.config.layer_types[i] for i in keep]
+    return student
 
 
 def check_pair(tok_s, tok_t, model_s, model_t, prompts, max_new_tokens):

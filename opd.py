@@ -12,6 +12,7 @@ with the paper's metrics, and compares the stabilizers proposed for it on the sa
     python opd.py --methods opd --seeds 1           # one plain OPD run
     python opd.py --methods opd --seeds 1 --ref-kl 0.1 --sft-coef 0.5   # your own mix
     python opd.py --teacher PATH --student PATH --prompts FILE --device cuda  # real models
+    python opd.py --teacher FILE.gguf --student DIR --prompts FILE  # GGUF (tutorial, section 6)
     python opd.py --help                            # every option, with its reason
 
 Deliberately left out, compared with the paper's setup: no PPO/GRPO ratio or clipping
@@ -26,7 +27,7 @@ Sections (the tutorial has the same headings, in the same order):
   3. Monitor                    length, truncation and repetition metrics; alerts
   4. Length inflation reproduced rollouts, the training loop, the guard
   5. Stabilizers                one small function per fix
-  6. Real models                loading any Hugging Face pair, the checks before step 0
+  6. Real models                any Hugging Face pair or GGUF file, the checks before step 0
   7. Scaling up                 chunked loss so memory does not grow with T x V
   8. Study and exercises        the study over methods and seeds, table and plots
 """

@@ -12,6 +12,7 @@ with the paper's metrics, and compares the stabilizers proposed for it on the sa
     python opd.py --methods opd --seeds 1           # one plain OPD run
     python opd.py --methods opd --seeds 1 --ref-kl 0.1 --sft-coef 0.5   # your own mix
     python opd.py --teacher PATH --student PATH --prompts FILE --device cuda  # real models
+    python opd.py --teacher FILE.gguf --student DIR --prompts FILE  # GGUF (tutorial, section 6)
     python opd.py --help                            # every option, with its reason
 
 Deliberately left out, compared with the paper's setup: no PPO/GRPO ratio or clipping
@@ -26,7 +27,7 @@ Sections (the tutorial has the same headings, in the same order):
   3. Monitor                    length, truncation and repetition metrics; alerts
   4. Length inflation reproduced rollouts, the training loop, the guard
   5. Stabilizers                one small function per fix
-  6. Real models                loading any Hugging Face pair, the checks before step 0
+  6. Real models                any Hugging Face pair or GGUF file, the checks before step 0
   7. Scaling up                 chunked loss so memory does not grow with T x V
   8. Study and exercises        the study over methods and seeds, table and plots
 """
@@ -78,8 +79,8 @@ class Config:
     workers: int = _f(0, "parallel processes for the study; 0: one per CPU core, at most one per run (each with "
                          "--threads 1: on 2 cores, 2 single-threaded runs beat 1 two-threaded)")
     # --- model pair (empty paths: build the default pair of section 2)
-    teacher: str = _f("", "teacher path or hub id; empty: the self-built default teacher")
-    student: str = _f("", "student path or hub id; empty: the self-built default student")
+    teacher: str = _f("", "teacher folder, .gguf file (needs gguf + accelerate) or hub id; empty: the self-built default teacher")
+    student: str = _f("", "student folder, .gguf file (needs gguf + accelerate) or hub id; empty: the self-built default student")
     prompts: str = _f("", "JSON-lines file of {'prompt': ..., 'answer': optional}; empty: the synthetic task")
     cache_dir: str = _f(".cache", "the default pair is saved here, in a folder keyed by its configuration")
     teacher_layers: int = _f(2, "two layers: enough to count motif repeats reliably")
@@ -1064,21 +1065,40 @@ METHODS = {                       # preset -> Config overrides, applied on top o
 # 6. Real models: any Hugging Face causal LM pair, checked before step 0
 # =============================================================================
 
+GGUF_INSTALL = "pip install gguf==0.19.0 accelerate==1.15.0"   # the pins of requirements-test.txt
+
+
 def load_pretrained(path: str, device, dtype=None):
-    """Tokenizer and causal LM through from_pretrained, with a clear error for a bad path."""
+    """Tokenizer and causal LM through from_pretrained, with a clear error for a bad path.
+
+    A `.gguf` file (llama.cpp's format) is dequantized by transformers' GGUF loader and
+    rebuilt as a plain model, so it trains, saves and reloads like any other."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    local = path.startswith(("/", "./", "../", "~")) or os.path.exists(path)
-    if local and not os.path.isdir(os.path.expanduser(path)):
-        raise SystemExit(f"error: model folder {path!r} does not exist. Give a folder written by save_pretrained, "
-                         "or a hub id such as Qwen/Qwen2.5-0.5B-Instruct.")
     path = os.path.expanduser(path)
+    gguf = path.endswith(".gguf")
+    local = gguf or path.startswith(("/", "./", "../")) or os.path.exists(path)
+    if local and not (os.path.isfile(path) if gguf else os.path.isdir(path)):
+        raise SystemExit(f"error: model {'file' if gguf else 'folder'} {path!r} does not exist. Give a folder written by "
+                         "save_pretrained, a .gguf file, or a hub id such as Qwen/Qwen2.5-0.5B-Instruct.")
+    if gguf:
+        try:
+            import accelerate, gguf as _  # noqa: F401  transformers' GGUF loader needs both
+        except ImportError:
+            raise SystemExit(f"error: {path!r} is a GGUF file; loading it needs the optional packages gguf and "
+                             f"accelerate: {GGUF_INSTALL}") from None
+    where, kw = (os.path.dirname(path) or ".", {"gguf_file": os.path.basename(path)}) if gguf else (path, {})
     try:
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(where, **kw)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: could not load a model from {path!r}: {e}\n"
                          "Give a folder written by save_pretrained or a hub id available offline "
                          "(HF_HUB_OFFLINE=1 uses the local cache only).") from None
+    if gguf:       # save_pretrained refuses a model marked "quantized with gguf": same weights, unmarked
+        del model.config.quantization_config
+        plain = AutoModelForCausalLM.from_config(model.config, dtype=model.dtype)
+        plain.load_state_dict(model.state_dict())
+        plain.generation_config, model = model.generation_config, plain
     # A shipped top_p=0.95 once silently truncated a trainer's "on-policy" samples (TRL PR #6337):
     # sample_rollouts never reads generation_config, so say that it is ignored.
     shipped = {k: getattr(model.generation_config, k, None) for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")}
@@ -1086,6 +1106,21 @@ def load_pretrained(path: str, device, dtype=None):
         print(f"[check] {path}: generation_config sets {', '.join(f'{k}={v}' for k, v in shipped.items() if v is not None)}; "
               "ignored: rollouts sample the full distribution at --temperature", flush=True)
     return tok, model.to(device)
+
+
+def layer_dropped(model, keep):
+    """A student made of the layers `keep` (indices) of `model`, with its embeddings, final
+    norm and head: the layer-dropped initialisation of DistilBERT (Sanh et al. 2019,
+    arXiv 1910.01108), which shares the teacher's tokenizer by construction."""
+    student = copy.deepcopy(model)
+    base = getattr(student, student.base_model_prefix)
+    base.layers = torch.nn.ModuleList(base.layers[i] for i in keep)
+    for i, layer in enumerate(base.layers):                    # the KV cache is indexed by layer_idx
+        layer.self_attn.layer_idx = i
+    student.config.num_hidden_layers = len(base.layers)
+    if getattr(student.config, "layer_types", None):          # Qwen2: one attention type per layer
+        student.config.layer_types = [student.config.layer_types[i] for i in keep]
+    return student
 
 
 def check_pair(tok_s, tok_t, model_s, model_t, prompts, max_new_tokens) -> bool:

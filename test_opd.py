@@ -714,6 +714,7 @@ def test_tutorial_names_exist_in_opd():
 
 def test_documented_flags_exist():
     text = (HERE / "tutorial.md").read_text() + (HERE / "README.md").read_text()
+    text = "\n".join(l for l in text.splitlines() if not l.lstrip().startswith("pip "))   # pip's own flags
     flags = set(re.findall(r"(?<![\w-])--([a-z][a-z0-9-]*)", text))
     assert {"teacher-free-frac", "student-free-frac", "alert-patience"} <= flags     # the pattern finds them
     known = {f.name.replace("_", "-") for f in opd.dataclasses.fields(opd.Config)}
@@ -999,3 +1000,107 @@ def test_trl_reverse_kl_equals_full_vocab_loss(pair, temperature, seed):
     dist = grad_of(lambda x: _chunked_divergence_loss(x, b, eye, eye, mask, beta=1.0, temperature=temperature)[0])
     for o, t in zip(ours, dist):
         torch.testing.assert_close(o, t.double(), rtol=1e-4, atol=1e-5)
+
+
+def write_gguf(model, tok, path):
+    """Write a Llama model and its byte-level BPE tokenizer to GGUF with the gguf package's
+    writer, float32 tensors, under the names and the Q/K row order llama.cpp's converter uses."""
+    import gguf
+    c, n_layers = model.config, model.config.num_hidden_layers
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(n_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    raw = json.loads(tok.backend_tokenizer.to_str())["model"]
+    special = set(tok.all_special_ids)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([t for t, _ in sorted(raw["vocab"].items(), key=lambda kv: kv[1])])
+    w.add_token_types([gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(len(raw["vocab"]))])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in raw["merges"]])
+    w.add_eos_token_id(tok.eos_token_id)
+    w.add_pad_token_id(tok.pad_token_id)
+    w.add_chat_template(tok.chat_template)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    for name, t in model.state_dict().items():
+        t = t.float().numpy()
+        heads = {"q_proj": c.num_attention_heads, "k_proj": c.num_key_value_heads}.get(name.split(".")[-2])
+        if heads:                                        # llama.cpp interleaves the rotary halves
+            t = t.reshape(heads, 2, t.shape[0] // heads // 2, t.shape[1]).swapaxes(1, 2).reshape(t.shape)
+        w.add_tensor(names.get_name(name.rsplit(".", 1)[0]) + ".weight", t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_round_trip(tmp_path):
+    """A model written to GGUF loads back through --teacher/--student paths with the same
+    tokenizer and logits, trains and saves like any model."""
+    pytest.importorskip("gguf", reason="optional: pip install -r requirements-test.txt")
+    tok = bpe_tokenizer(vocab=2_000)
+    torch.manual_seed(0)
+    model = opd.make_model(tok, 2, 32).eval()
+    write_gguf(model, tok, tmp_path / "tiny.gguf")
+    tok2, loaded = opd.load_pretrained(str(tmp_path / "tiny.gguf"), "cpu", torch.float32)
+    text = "bada kelo mi zo ruka"
+    assert tok2(text)["input_ids"] == tok(text)["input_ids"] != []
+    assert tok2.eos_token_id == tok.eos_token_id and tok2.chat_template == tok.chat_template
+    ids = torch.tensor([tok(text)["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+    loaded.save_pretrained(tmp_path / "saved")                # refused by transformers for a raw gguf load
+    tok2.save_pretrained(tmp_path / "saved")
+    _, again = opd.load_pretrained(str(tmp_path / "saved"), "cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_layer_dropped_equals_model_built_with_those_layers(arch, tmp_path):
+    """layer_dropped(m, [0, 2]) computes what a 2-layer model loaded with layers 0 and 2 of m
+    computes: logits, and greedy rollouts through the KV cache (each layer's cache index)."""
+    tok = opd.build_tokenizer()
+    torch.manual_seed(0)
+    model = opd.make_model(tok, 3, 32, arch).eval()
+    student = opd.layer_dropped(model, [0, 2])
+    ref = opd.make_model(tok, 2, 32, arch).eval()
+    ref.load_state_dict({k.replace("layers.2.", "layers.1."): v for k, v in model.state_dict().items() if ".layers.1." not in k})
+    ids, attn = opd.encode_batch(tok, ["a b x 2 =", "c d e f x 5 ="])
+    with torch.no_grad():
+        torch.testing.assert_close(student(input_ids=ids).logits, ref(input_ids=ids).logits)
+    roll = lambda m: opd.sample_rollouts(m, ids, attn, 10, tok.eos_token_id, tok.pad_token_id, greedy=True)
+    assert torch.equal(roll(student), roll(ref))
+    student.save_pretrained(tmp_path)
+    again = opd.transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert again.config.num_hidden_layers == 2 and torch.equal(roll(again.eval()), roll(ref))
+    assert len(model.model.layers) == 3                           # the teacher is left as it was
+
+
+def test_gguf_through_the_flags_and_save_student(tmp_path):
+    """A .gguf file as --teacher and --student (the same file), --save-student writes a model
+    that loads back; without the gguf package the error is one line that says what to install."""
+    pytest.importorskip("gguf", reason="optional: pip install -r requirements-test.txt")
+    tok = bpe_tokenizer(vocab=2_000)
+    torch.manual_seed(0)
+    write_gguf(opd.make_model(tok, 1, 32), tok, tmp_path / "m.gguf")
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "bada kelo mi", "answer": "sute"}\n' * 16)
+    args = ["--teacher", str(tmp_path / "m.gguf"), "--student", str(tmp_path / "m.gguf"), "--prompts",
+            str(tmp_path / "prompts.jsonl"), "--methods", "opd", "--seeds", "1", "--steps", "1", "--batch-size", "2",
+            "--max-new-tokens", "4", "--eval-every", "1", "--workers", "1", "--out-dir", str(tmp_path / "runs"),
+            "--plots-dir", str(tmp_path / "plots")]
+    cli(*args, "--save-student")
+    _, saved = opd.load_pretrained(str(tmp_path / "runs" / "opd-s0" / "student"), "cpu")
+    assert saved.config.num_hidden_layers == 1
+    (tmp_path / "hide").mkdir()
+    (tmp_path / "hide" / "gguf.py").write_text("raise ImportError('hidden for the test')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "hide"), str(HERE)]))
+    r = subprocess.run([sys.executable, str(HERE / "opd.py"), *args], capture_output=True, text=True, env=env)
+    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0, r.stderr[-2000:]
+    assert "is a GGUF file" in r.stderr and opd.GGUF_INSTALL in r.stderr

@@ -619,7 +619,7 @@ BAD_VALUES = {
     "methods": "opd,nope", "seeds": "0", "seed": "-1", "device": "gpu", "workers": "-1", "teacher_layers": "0",
     "teacher_width": "30", "teacher_steps": "0", "teacher_free_frac": "1.5", "teacher_overrun_frac": "0.6", "gold_size": "-1", "opd_coef": "-1", "student_layers": "0", "student_width": "0",
     "student_steps": "-3", "student_free_frac": "-0.1", "pretrain_lr": "0", "steps": "0", "batch_size": "0", "lr": "-1",
-    "temperature": "0", "max_new_tokens": "0", "objective": "kl", "loss_agg": "sum", "warmup": "-1", "grad_clip": "0",
+    "temperature": "0", "max_new_tokens": "0", "objective": "kl", "loss_agg": "sum", "warmup": "-1", "decay": "-1", "grad_clip": "0",
     "chunk_size": "-8", "length_groups": "0", "ref_kl": "-0.1", "sft_coef": "nan", "trunc_weight": "2",
     "overlong_buffer": "49", "adv_regulation": "tanh", "adv_clip": "0", "rep_penalty": "0", "rep_window": "0",
     "rep_tau": "-1", "alert_max_len": "-1", "alert_trunc": "1.2", "alert_rep": "-0.5", "alert_growth": "0",

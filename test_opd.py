@@ -302,6 +302,74 @@ def test_monitor_needs_patience_consecutive_steps(patience, seed):
     assert fired == [len(steps) - 1]
 
 
+def _batch_with_loops(rnd, n_loops, batch=128, max_len=48):
+    """A batch of stopped answers (distinct ids, EOS) with n_loops rollouts stuck in a motif loop."""
+    ok = [rnd.sample(range(3, 40), rnd.randint(4, 20)) + [2] for _ in range(batch - n_loops)]
+    loops = [(rnd.sample(range(3, 40), rnd.randint(2, 4)) * max_len)[:max_len] for _ in range(n_loops)]
+    return ok + loops
+
+
+@given(st.integers(0, 1), st.integers(0, 99))
+def test_repetition_alert_quiet_on_stationary_batches(n_loops, seed):
+    """One looping rollout in 128 now and then is the healthy noise floor: no alert, however long."""
+    rnd = random.Random(seed)
+    mon = opd.LengthMonitor(eos_id=2, max_len=48)
+    for step in range(60):
+        out = mon.update(_batch_with_loops(rnd, n_loops if rnd.random() < 0.5 else 0), step)
+        assert not [k for k in out if k.startswith("alert/")], (step, out)
+
+
+@given(st.integers(10, 40), st.floats(0.5, 4.0), st.integers(0, 99))
+def test_repetition_alert_fires_once_within_steps_of_a_planted_trend(onset, per_step, seed):
+    """Loops planted from `onset` on, growing by `per_step` rollouts per step: the alert fires
+    within patience + 2 steps of the share first exceeding the 1% threshold, and only once."""
+    rnd = random.Random(seed)
+    mon = opd.LengthMonitor(eos_id=2, max_len=48)
+    fired, crossed = [], None
+    for step in range(onset + 40):
+        n = 0 if step < onset else min(128, int(per_step * (step - onset + 1)))
+        if crossed is None and n / 128 > 0.01:
+            crossed = step
+        out = mon.update(_batch_with_loops(rnd, n), step)
+        fired += [step] if out.get("alert/rep_rate") else []
+    assert len(fired) == 1 and crossed <= fired[0] <= crossed + mon.patience + 2, (fired, crossed)
+
+
+@given(st.lists(st.floats(0, 1), min_size=1, max_size=40), st.floats(0, 1), st.integers(1, 4))
+def test_fire_step_needs_patience_consecutive_values(values, thr, patience):
+    steps = list(range(len(values)))
+    got = opd.fire_step(steps, values, thr, patience, start=0)
+    want = next((i for i in steps if i + 1 >= patience and all(v > thr for v in values[i + 1 - patience:i + 1])), "")
+    assert got == want
+
+
+def _planted_run(folder, name, takeoff, warn, steps=120):
+    """metrics.jsonl of a run whose repetition rate rises from step `warn` and truncation from `takeoff`."""
+    d = folder / name
+    d.mkdir(parents=True)
+    with open(d / "metrics.jsonl", "w") as f:
+        for s in range(steps):
+            rep = 0.0 if warn is None or s < warn else 0.05
+            trunc = 0.0 if takeoff is None or s < takeoff else 0.6
+            f.write(json.dumps({"step": s, "rollout/trunc_rate": trunc, "rollout/rep_rate": rep, "rollout/ngram_rep": 0.2,
+                                "rollout/growth": 0.0, "rollout/len_p90": 12, "logp/teacher": -0.5, "adv/repetitive": float("nan"),
+                                "adv/regular": -0.3, "adv/repetitive_frac": rep, "eos/teacher_lower_frac": 0.1}) + "\n")
+
+
+def test_signal_table_scores_lead_and_false_alarms(tmp_path):
+    """Collapsing fit runs warned 20 steps ahead, quiet ones never: the repetition rate gets a lead
+    of 19 on them (patience 2: the alert comes one step after the rise); a held-out quiet run whose
+    repetition rises anyway is counted as a false alarm."""
+    for seed in range(3):
+        _planted_run(tmp_path, f"opd-s{seed}", takeoff=80, warn=60)
+        _planted_run(tmp_path, f"stable-opd-s{seed}", takeoff=None, warn=None)
+    _planted_run(tmp_path, "opd-s3", takeoff=90, warn=70)
+    _planted_run(tmp_path, "sft-only-s3", takeoff=None, warn=50)
+    row = next(l for l in opd.signal_table(tmp_path).splitlines() if l.startswith("| repetition rate"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:] == ["19, 19, 19", "0 of 3 quiet", "19", "1 of 1 quiet"], cells
+
+
 # ----------------------------------------------------------------------------- 5. stabilizers
 
 def test_reference_kl_zero_before_first_update():
@@ -360,6 +428,48 @@ def test_advantage_regulation(values, bound):
 
 
 # ----------------------------------------------------------------------------- 2. pair & rollouts
+
+@given(st.integers(0, 99))
+def test_overrun_text_trains_only_past_the_free_repeats(seed):
+    """Over-run text: no loss on the prompt, the k correct repeats and the 2 free ones; loss on
+    every token after them; no EOS anywhere (the text never ends)."""
+    tok, task = opd.build_tokenizer(), opd.MotifTask(eval_size=8)
+    ex = task.overrun_text(random.Random(seed))
+    motif, k = ex["prompt"].split()[:-3], int(ex["prompt"].split()[-2])
+    ids, _, labels = opd.supervised_batch(tok, [ex])
+    trained = [int(i) for i, l in zip(ids[0], labels[0]) if l != -100]
+    answer = tok(ex["answer"], add_special_tokens=False)["input_ids"]
+    assert ex["skip"] == len(motif) * (k + 2) and trained == answer[ex["skip"]:] and len(trained) >= 1
+    assert tok.eos_token_id not in ids[0].tolist() and ex["answer"].split() == (motif * 48)[:len(answer)]
+
+
+def test_gold_set_is_fixed_and_from_training_motifs():
+    task = opd.MotifTask(eval_size=8)
+    gold = task.gold_set(64)
+    assert gold == opd.MotifTask(eval_size=8).gold_set(64) and len(gold) == 64
+    train = {" ".join(m) for m in task.train_motifs}
+    assert all(" ".join(g["prompt"].split()[:-3]) in train for g in gold)
+
+
+def test_exact_match_needs_the_stop_and_the_text():
+    tok = opd.build_tokenizer()
+    ids = tok("a b a b", add_special_tokens=False)["input_ids"]
+    assert opd.exact_match(tok, ids + [tok.eos_token_id], "a b a b")
+    assert not opd.exact_match(tok, ids, "a b a b")                         # truncated: no EOS
+    assert not opd.exact_match(tok, ids[:2] + [tok.eos_token_id], "a b a b")
+
+
+@given(st.integers(1, 400), st.integers(0, 100), st.floats(0, 1))
+def test_lr_factor_is_warmup_stable_decay(steps, warmup, decay):
+    d = round(decay * steps)
+    f = [opd.lr_factor(s, steps, warmup, d) for s in range(steps)]
+    assert all(0 < x <= 1 for x in f)
+    up, down = min(warmup, steps - d), max(warmup, steps - d)     # the phases may overlap: the smaller factor wins
+    assert all(a <= b + 1e-12 for a, b in zip(f[:up], f[1:up]))                  # rising while warming up
+    assert all(a >= b - 1e-12 for a, b in zip(f[down:], f[down + 1:]))           # falling in the decay
+    assert f[-1] <= 1 / max(d, 1) + 1e-12 if d else f[-1] == min(1.0, steps / max(warmup, 1))
+
+
 
 def test_tokenizer_and_model_roundtrip(tmp_path):
     tok = opd.build_tokenizer()
@@ -573,11 +683,29 @@ def test_ctrl_c_names_the_resume_command(work, tmp_path):
         opd.read_metrics(tmp_path / "runs" / "opd-s0" / "metrics.prev.jsonl")[:len(done) - 2]   # earlier steps kept as logged
 
 
-@pytest.mark.parametrize("method", ["stable-opd", "drop-trunc", "overlong", "adv-log", "eos-mask", "rep-penalty",
-                                    "opd+guard", "full-vocab"])
+@pytest.mark.parametrize("method", ["stable-opd", "sft-only", "drop-trunc", "overlong", "adv-log", "eos-mask",
+                                    "rep-penalty", "opd+guard", "full-vocab"])
 def test_every_method_runs(work, method):
     rows = opd.run_opd(_tiny_cfg(work, method=method), method)
     assert len(rows) == 5 and all(math.isfinite(r["loss/total"]) for r in rows if "loss/total" in r)
+
+
+def test_sft_only_does_not_depend_on_the_teacher(work):
+    """The control switches the OPD term off: its losses, and so its student, are the same whoever
+    the teacher is (here the self-built teacher and the student itself), while the KL it logs is not."""
+    strip = lambda rows, k: [r[k] for r in rows if k in r]
+    a = opd.run_opd(_tiny_cfg(work, method="sft-only", run_name="sft-a"), "sft-only")
+    b = opd.run_opd(_tiny_cfg(work, method="sft-only", run_name="sft-b", self_distill=True), "sft-only")
+    assert strip(a, "loss/total") == strip(b, "loss/total") and strip(a, "eval/accuracy") == strip(b, "eval/accuracy")
+    assert strip(a, "kl/reverse") != strip(b, "kl/reverse")
+
+
+def test_evaluation_does_not_touch_training_randomness(work):
+    """Sampled evaluation draws from its own generator: evaluating more often changes no training step."""
+    keys = ("loss/total", "rollout/len_mean", "rollout/accuracy", "kl/reverse")
+    a = opd.run_opd(_tiny_cfg(work, run_name="ev1", eval_every=1))
+    b = opd.run_opd(_tiny_cfg(work, run_name="ev4", eval_every=4))
+    assert [[r[k] for k in keys] for r in a if "loss/total" in r] == [[r[k] for k in keys] for r in b if "loss/total" in r]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -1389,13 +1389,15 @@ def summarize(method, seed, rows) -> dict:
 
 
 def study_plots_dir(cfg: Config) -> Path:
-    """--plots-dir if given; plots/ for the default study (the committed figures); for any
-    other setting <out_dir>/plots, so `--methods opd --seeds 1` does not overwrite them."""
+    """--plots-dir if given; plots/ for the default study and plots/all/ for `--methods all` (the
+    committed figures); for any other setting <out_dir>/plots, so `--methods opd --seeds 1` does
+    not overwrite them."""
     if cfg.plots_dir:
         return Path(cfg.plots_dir)
     neutral = {"workers", "threads", "device", "out_dir", "cache_dir", "plots_dir", "log_samples_every", "save_every", "resume"}
     changed = [f.name for f in dataclasses.fields(Config) if f.name not in neutral and getattr(cfg, f.name) != f.default]
-    return Path(cfg.out_dir) / "plots" if changed else Path("plots")
+    return Path("plots/all") if changed == ["methods"] and cfg.methods == "all" else \
+        Path(cfg.out_dir) / "plots" if changed else Path("plots")
 
 
 def study_workers(base: Config, n_jobs: int) -> int:
@@ -1528,36 +1530,32 @@ def plot_study(results, out: Path):
     if "opd" not in by_method:
         return
     runs = by_method["opd"]
-    # paper Fig. 3: log-probs, advantage, length
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    lines(axes[0], runs, "logp/student", "C0", "log p_S(y_t)")
-    lines(axes[0], runs, "logp/teacher", "C1", "log p_T(y_t)")
-    lines(axes[1], runs, "adv/mean", "C4", "mean advantage")
-    lines(axes[2], runs, "rollout/len_mean", "C3", "mean length")
-    for ax, t in zip(axes, ["log-prob of sampled tokens", "mean advantage", "mean rollout length"]):
-        ax.set_title(t)
-        ax.set_xlabel("OPD step")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "fig3_logprobs.png", dpi=110)
-    plt.close(fig)
-    # paper Fig. 4: advantage on repetitive vs regular tokens; EOS probabilities
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    lines(axes[0], runs, "adv/repetitive", "C3", "repetitive tokens")
-    lines(axes[0], runs, "adv/regular", "C0", "regular tokens")
-    lines(axes[1], runs, "adv/repetitive_frac", "C3", "repetitive fraction")
-    lines(axes[2], runs, "eos/p_student", "C0", "p_S(EOS) where it stopped")
-    lines(axes[2], runs, "eos/p_teacher", "C1", "p_T(EOS) where it stopped")
-    for ax, t in zip(axes, ["advantage by token kind", "share of repetitive tokens", "EOS probability at the stop"]):
-        ax.set_title(t)
-        ax.set_xlabel("OPD step")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "fig4_advantage.png", dpi=110)
-    plt.close(fig)
+
+    def row(fname, panels):          # one figure, a panel per (title, [(key, color, label), ...]); dotted: take-offs
+        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+        for ax, (title, curves) in zip(axes, panels):
+            for key, color, label in curves:
+                lines(ax, runs, key, color, label)
+            for t in (x for x in takeoffs if x != ""):
+                ax.axvline(t, color="gray", ls=":", lw=0.8)
+            ax.set_title(title)
+            ax.set_xlabel("OPD step (dotted: take-off, per seed)")
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+    row("fig3_logprobs.png", [   # paper Fig. 3: log-probs, advantage, length
+        ("log-prob of sampled tokens", [("logp/student", "C0", "log p_S(y_t)"), ("logp/teacher", "C1", "log p_T(y_t)")]),
+        ("mean advantage", [("adv/mean", "C4", "mean advantage")]),
+        ("mean rollout length", [("rollout/len_mean", "C3", "mean length")])])
+    row("fig4_advantage.png", [  # paper Fig. 4: advantage on repetitive vs regular tokens; EOS probabilities
+        ("advantage by token kind", [("adv/repetitive", "C3", "repetitive tokens"), ("adv/regular", "C0", "regular tokens")]),
+        ("share of repetitive tokens", [("adv/repetitive_frac", "C3", "repetitive fraction")]),
+        ("EOS probability at the stop", [("eos/p_student", "C0", "p_S(EOS) where it stopped"),
+                                         ("eos/p_teacher", "C1", "p_T(EOS) where it stopped")])])
     if "opd+guard" in by_method:
         # the guard, seed by seed: plain OPD and opd+guard, with the alert, the action and OPD's take-off
-        guarded = by_method["opd+guard"]
+        guarded, seeds = by_method["opd+guard"], [s for m, s, _ in results if m == "opd+guard"]
         fig, axes = plt.subplots(2, len(guarded), figsize=(4.5 * len(guarded), 6), squeeze=False, sharex=True)
         for j, (plain, g) in enumerate(zip(runs, guarded)):
             alert = next((r["step"] for r in g if any(k.startswith("alert/") for k in r)), None)
@@ -1570,7 +1568,7 @@ def plot_study(results, out: Path):
                     if x not in (None, ""):
                         ax.axvline(x, color=c, ls=ls, lw=1.2, label=lab)
                 ax.set_ylim(-0.02, 1.02)
-                ax.set_title(f"seed {j}: {key}", fontsize=9)
+                ax.set_title(f"seed {seeds[j]}: {key}", fontsize=9)
             axes[1, j].set_xlabel("OPD step")
         axes[0, 0].legend(fontsize=8)
         fig.tight_layout()

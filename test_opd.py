@@ -866,6 +866,8 @@ def test_study_plots_dir_keeps_committed_figures():
     assert opd.study_plots_dir(opd.Config(methods="opd", seeds=1)) == Path("runs") / "plots"
     assert opd.study_plots_dir(opd.Config(lr=3e-4, out_dir="r")) == Path("r") / "plots"
     assert opd.study_plots_dir(opd.Config(methods="opd", plots_dir="p")) == Path("p")
+    assert opd.study_plots_dir(opd.Config(methods="all", workers=1)) == Path("plots") / "all"
+    assert opd.study_plots_dir(opd.Config(methods="all", seeds=1)) == Path("runs") / "plots"
 
 
 def test_tutorial_sections_match_banners():

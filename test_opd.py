@@ -860,6 +860,24 @@ def test_study_workers_default_to_cores_capped_by_runs(monkeypatch):
     assert opd.study_workers(opd.Config(threads=4), 33) == 1                         # never 0
 
 
+def test_tutorial_monitor_snippet_runs():
+    """Section 3's snippet for other loops, as written there, on two steps of responses: the
+    second holds loops, and the repetition alert of the default thresholds fires on it."""
+    import types
+    block = next(b for b in re.findall(r"```python\n(.*?)```", (HERE / "tutorial.md").read_text(), re.S)
+                 if "monitor = LengthMonitor(eos_id=tokenizer.eos_token_id" in b)
+    setup, per_step = block.split("# each step", 1)
+    logged = []
+    ns = {"tokenizer": opd.build_tokenizer(), "max_new_tokens": 48,
+          "wandb": types.SimpleNamespace(log=lambda d, step: logged.append((step, d)))}
+    exec(setup, ns)
+    for step, loops in enumerate([0, 3, 3]):
+        ns["step"], ns["responses"] = step, [[5, 6, 7, 2]] * (20 - loops) + [[5, 6] * 24] * loops
+        exec("# each step" + per_step, ns)
+    assert [s for s, _ in logged] == [0, 1, 2] and logged[0][1]["rollout/len_mean"] == 4
+    assert "rollout/alert/rep_rate" in logged[2][1] and "rollout/alert/rep_rate" not in logged[1][1]
+
+
 def test_study_plots_dir_keeps_committed_figures():
     assert opd.study_plots_dir(opd.Config()) == Path("plots")
     assert opd.study_plots_dir(opd.Config(workers=1, threads=2)) == Path("plots")      # same results

@@ -5,10 +5,12 @@ student sampled, and the student is trained to lower the reverse KL KL(p_S || p_
 states it visits itself (GKD, Agarwal et al. 2024, arXiv 2306.13649). Luo et al. 2026
 (arXiv 2604.08527) showed that this can fail abruptly: the rollouts grow until they fill
 the length budget, turn repetitive, and accuracy falls ("length inflation"). This file
-reproduces that failure on a model pair it builds itself in about a minute, measures it
-with the paper's metrics, and compares the stabilizers proposed for it on the same seeds.
+builds a model pair on which OPD first teaches the student and then collapses, measures
+both with the paper's metrics, warns before the collapse, and compares the stabilizers
+proposed for it against a supervised control on the same seeds.
 
-    python opd.py                                   # the whole study: runs, plots/, table
+    python opd.py                                   # the study: opd, stable-opd, sft-only, opd+guard
+    python opd.py --methods all                     # every stabilizer preset (plots/all/)
     python opd.py --methods opd --seeds 1           # one plain OPD run
     python opd.py --methods opd --seeds 1 --ref-kl 0.1 --sft-coef 0.5   # your own mix
     python opd.py --teacher PATH --student PATH --prompts FILE --device cuda  # real models
@@ -24,7 +26,7 @@ compression test is scaled down from a 10,000-character tail to a 24-token one.
 Sections (the tutorial has the same headings, in the same order):
   1. OPD in one page            objectives, masks, loss aggregation
   2. Task and model pair        synthetic task, tokenizer, teacher/student build and cache
-  3. Monitor                    length, truncation and repetition metrics; alerts
+  3. Monitor                    length, truncation and repetition metrics; alerts; which warns first
   4. Length inflation reproduced rollouts, the training loop, the guard
   5. Stabilizers                one small function per fix
   6. Real models                any Hugging Face pair or GGUF file, the checks before step 0
@@ -95,7 +97,7 @@ class Config:
     student_free_frac: float = _f(0.0, "free text in the student's warm-up; 0.5 with 250 steps gives a student OPD improves "
                                        "without inflating (tutorial, section 4)")
     gold_size: int = _f(256, "reference solutions in the fixed gold set (the student's warm-up, --sft-coef); "
-                             "0: every prompt's own answer. 512 took the student past the teacher")
+                             "0: each step's own prompts' answers. 512 took the student past the teacher")
     pretrain_lr: float = _f(3e-3, "AdamW lr for building the pair (small models, short schedules)")
     # --- OPD
     steps: int = _f(400, "OPD updates per run: learning by ~150, inflation between ~270 and ~350 (tutorial, section 4)")
@@ -671,7 +673,8 @@ def signal_table(*folders, fit_seeds=(0, 1, 2), horizon: int = 50) -> str:
              "| false alarms, held-out |", "|---|---|---|---|---|---|"]
     n_quiet = {fit: sum(t == "" for f, t, _ in runs if f == fit) for fit in (True, False)}
     for name in [k for k in runs[0][2] if k != "steps"]:
-        grid = sorted({round(v, 4) for f, _, sig in runs if f for v in sig[name] if math.isfinite(v)})
+        seen = sorted({v for f, _, sig in runs if f for v in sig[name] if math.isfinite(v)})
+        grid = [(a + b) / 2 for a, b in zip(seen, seen[1:])]           # thresholds between the values seen
         best = None                         # (threshold, smallest lead on the fit seeds)
         for thr in grid[::max(1, len(grid) // 400)]:
             leads, false = score(name, thr, True)
@@ -683,7 +686,7 @@ def signal_table(*folders, fit_seeds=(0, 1, 2), horizon: int = 50) -> str:
             continue
         fmt = lambda leads: ", ".join("missed" if x is None else str(x) for x in leads)
         (lf, ff), (lh, fh) = score(name, best[0], True), score(name, best[0], False)
-        lines.append(f"| {name} | {best[0]:g} | {fmt(lf)} | {ff} of {n_quiet[True]} quiet | {fmt(lh)} | "
+        lines.append(f"| {name} | {best[0]:.3g} | {fmt(lf)} | {ff} of {n_quiet[True]} quiet | {fmt(lh)} | "
                      f"{fh} of {n_quiet[False]} quiet |")
     return "\n".join(lines)
 
@@ -899,9 +902,10 @@ def run_opd(cfg: Config, method: str = "opd"):
             loss = cfg.opd_coef * loss_opd
             if cfg.ref_kl > 0:
                 loss = loss + cfg.ref_kl * aggregate_loss(terms["kl_ref"], mask, cfg.loss_agg, cfg.max_new_tokens)
-            if cfg.sft_coef > 0:                 # rollout mixture: B reference solutions from the fixed gold set
-                gold = [gold_rng.choice(data["gold"]) for _ in batch] if data["gold"] else batch
-                loss = loss + cfg.sft_coef * sft_nll(student, tokenizer, gold, device)
+            if cfg.sft_coef > 0:   # rollout mixture: B reference solutions from the fixed gold set, or the step's own
+                gold = [gold_rng.choice(data["gold"]) for _ in batch] if data["gold"] else \
+                    [e for e in batch if e.get("answer") is not None]
+                loss = loss + cfg.sft_coef * sft_nll(student, tokenizer, gold, device) if gold else loss
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"non-finite loss at step {step} ({loss.item()}). Lower --lr, check the models' "
@@ -1300,8 +1304,9 @@ def load_models_and_data(cfg: Config, device):
         rows = read_prompts(cfg.prompts)
         n_eval = min(cfg.eval_size, max(1, len(rows) // 8)) if len(rows) > 1 else 0
         eval_rows, train_rows = rows[:n_eval], rows[n_eval:] or rows
-        gold = [r for r in train_rows if r["answer"] is not None][:cfg.gold_size or None]
-        if cfg.sft_coef > 0 and not gold:
+        answered = [r for r in train_rows if r["answer"] is not None]
+        gold = answered[:cfg.gold_size] if cfg.gold_size else None       # None: each step's own answered prompts
+        if cfg.sft_coef > 0 and not answered:
             raise SystemExit(f"error: --sft-coef needs reference answers, and no training prompt in {cfg.prompts} has an "
                              '"answer" field. Add answers or set --sft-coef 0.')
         data = {"eval": eval_rows, "sample": lambda n, rng: [rng.choice(train_rows) for _ in range(n)], "gold": gold}

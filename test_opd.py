@@ -742,6 +742,13 @@ def test_prompt_file_errors(work, tmp_path):
         assert r.returncode != 0 and msg in r.stderr, r.stderr[-500:]
 
 
+def test_sft_coef_without_any_answer_is_refused(work, tmp_path):
+    (tmp_path / "noanswer.jsonl").write_text("".join(f'{{"prompt": "a b x {k} ="}}\n' for k in range(1, 6)) * 4)
+    cfg = _tiny_cfg(work, method="stable-opd", prompts=str(tmp_path / "noanswer.jsonl"))
+    with pytest.raises(SystemExit, match="--sft-coef needs reference answers"):
+        opd.load_models_and_data(cfg, torch.device("cpu"))
+
+
 # one bad value per numeric or choice flag (a new such flag without an entry here fails the test below)
 BAD_VALUES = {
     "methods": "opd,nope", "seeds": "0", "seed": "-1", "device": "gpu", "workers": "-1", "teacher_layers": "0",

@@ -820,6 +820,7 @@ def run_opd(cfg: Config, method: str = "opd"):
     torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
     eval_gen = torch.Generator(device).manual_seed(cfg.seed)
+    streams = (rng, gold_rng, eval_gen)                          # the random streams a checkpoint restores
     student, teacher, tokenizer, data = load_models_and_data(cfg, device)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     ref = copy.deepcopy(student).eval().requires_grad_(False) if cfg.ref_kl > 0 or cfg.guard else None
@@ -832,7 +833,7 @@ def run_opd(cfg: Config, method: str = "opd"):
     metrics_path, ckpt_path = run_dir / "metrics.jsonl", run_dir / "checkpoint.pt"
     start, healthy, kept = 0, None, []                           # healthy: guard's last healthy student + optimizer
     if cfg.resume and ckpt_path.exists():
-        start, healthy = load_checkpoint(ckpt_path, cfg, student, opt, sched, rng, gold_rng, eval_gen, monitor, device)
+        start, healthy = load_checkpoint(ckpt_path, cfg, student, opt, sched, streams, monitor, device)
         kept = [r for r in read_metrics(metrics_path) if r["step"] < start] if metrics_path.exists() else []
         print(f"[{method} s{cfg.seed}] resumed at step {start} from {ckpt_path}", flush=True)
     elif cfg.resume:
@@ -939,7 +940,7 @@ def run_opd(cfg: Config, method: str = "opd"):
             log.write(json.dumps(m) + "\n")
             log.flush()
             if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
-                save_checkpoint(ckpt_path, step + 1, student, opt, sched, rng, gold_rng, eval_gen, monitor, healthy, cfg)
+                save_checkpoint(ckpt_path, step + 1, student, opt, sched, streams, monitor, healthy, cfg)
             print(f"[{method} s{cfg.seed}] step {step:4d} loss {m['loss/total']:+.4f} kl {m['kl/reverse']:.3f} "
                   f"len {m['rollout/len_mean']:5.1f} trunc {m['rollout/trunc_rate']:.2f} rep {m['rollout/rep_rate']:.2f} "
                   f"adv {m['adv/mean']:+.3f}" + (f" acc {m['eval/accuracy']:.3f}" if "eval/accuracy" in m else ""), flush=True)
@@ -1058,14 +1059,14 @@ def guard_step(cfg, monitor, step, student, opt, healthy):
     return healthy, True
 
 
-def save_checkpoint(path: Path, step: int, student, opt, sched, rng, gold_rng, eval_gen, monitor, healthy, cfg: Config):
+def save_checkpoint(path: Path, step: int, student, opt, sched, streams, monitor, healthy, cfg: Config):
     """Everything the loop needs to go on as if it had never stopped: `step` is the next step to
     run. Written to a temporary file and renamed over the last checkpoint (an atomic replace),
     so a kill mid-write leaves the previous one usable."""
     state = {"step": step, "config": dataclasses.asdict(cfg), "student": student.state_dict(), "opt": opt.state_dict(),
              "sched": sched.state_dict(), "torch_rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-             "task_rng": rng.getstate(), "gold_rng": gold_rng.getstate(), "eval_rng": eval_gen.get_state(),
+             "streams": [r.getstate() if isinstance(r, random.Random) else r.get_state() for r in streams],
              "monitor": vars(monitor), "guard": healthy}
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
@@ -1076,8 +1077,7 @@ RESUME_MAY_CHANGE = {"steps", "resume", "save_every", "workers", "threads", "dev
                      "seeds", "out_dir", "plots_dir", "cache_dir", "run_name", "save_student"}
 
 
-def load_checkpoint(path: Path, cfg: Config, student, opt, sched, rng, gold_rng, eval_gen, monitor,
-                    device) -> tuple[int, dict | None]:
+def load_checkpoint(path: Path, cfg: Config, student, opt, sched, streams, monitor, device) -> tuple[int, dict | None]:
     """Restore what save_checkpoint wrote, in place; returns (next step, guard state). Refuses a
     checkpoint written with other settings, which would splice two different runs together."""
     ck = torch.load(path, map_location=device, weights_only=False)     # this file's own pickle: RNG and monitor state
@@ -1094,9 +1094,8 @@ def load_checkpoint(path: Path, cfg: Config, student, opt, sched, rng, gold_rng,
     torch.set_rng_state(ck["torch_rng"].cpu())
     if ck["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in ck["cuda_rng"]])
-    rng.setstate(ck["task_rng"])
-    gold_rng.setstate(ck["gold_rng"])
-    eval_gen.set_state(ck["eval_rng"].cpu())                     # a generator state is a CPU ByteTensor, CUDA too
+    for r, state in zip(streams, ck["streams"]):                 # a torch generator's state is a CPU tensor, CUDA too
+        r.setstate(state) if isinstance(r, random.Random) else r.set_state(state.cpu())
     monitor.__dict__.update(ck["monitor"])
     cfg.ref_kl, cfg.sft_coef = ck["config"]["ref_kl"], ck["config"]["sft_coef"]
     return ck["step"], ck["guard"]

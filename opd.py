@@ -640,33 +640,30 @@ def signal_table(*folders, fit_seeds=(0, 1, 2), horizon: int = 50) -> str:
     """Lead time and false alarms of every candidate signal, as a markdown table.
 
     Runs: the opd, stable-opd and sft-only runs in `folders`; a run collapses if its truncation
-    rate exceeds 0.3 (the take-off). A false alarm is an alert on a run that never takes off, or
-    one more than `horizon` steps before the take-off. Each signal's threshold is chosen on the
-    seeds in `fit_seeds` alone: with no false alarm, the largest threshold whose smallest lead
-    is at least 10 steps (twice the 5 an alarm needs to be acted on), else the one with the
-    largest smallest lead. The other seeds are held out and only scored.
+    rate exceeds 0.3 (the take-off). A lead is the take-off step minus the alert's step; a false
+    alarm, an alert on a run that never takes off. Each signal's threshold is chosen on the
+    seeds in `fit_seeds` alone, among those with no false alarm and no alert more than
+    `horizon` steps ahead of a take-off (such an alert says nothing about the collapse): the
+    largest whose smallest lead is at least 10 steps (twice the 5 an alarm needs to be acted
+    on), else the one with the largest smallest lead. The other seeds are only scored.
     """
     runs = []
     for d in sorted(p for f in folders for p in Path(f).glob("*-s*")):
         method, seed = d.name.rsplit("-s", 1)
         if method in ("opd", "stable-opd", "sft-only") and (d / "metrics.jsonl").exists():
             rows = read_metrics(d / "metrics.jsonl")
-            sig = warning_signals(rows)
             tr = [r for r in rows if "rollout/trunc_rate" in r]
-            runs.append((int(seed) in fit_seeds, first_step(tr, "rollout/trunc_rate", 0.3), sig))
+            runs.append((int(seed) in fit_seeds, first_step(tr, "rollout/trunc_rate", 0.3), warning_signals(rows)))
 
-    def score(name, thr, fit):
+    def score(name, thr, fit):    # leads on collapsing runs (None: never fired), false alarms on quiet ones
         leads, false = [], 0
         for is_fit, takeoff, sig in runs:
-            if is_fit != fit:
-                continue
-            fired = fire_step(sig["steps"], sig[name], thr)
-            if takeoff == "":
-                false += fired != ""
-            elif fired != "" and takeoff - fired > horizon:
-                false += 1
-            else:
-                leads.append(takeoff - fired if fired != "" else None)     # None: never fired
+            if is_fit == fit:
+                fired = fire_step(sig["steps"], sig[name], thr)
+                if takeoff == "":
+                    false += fired != ""
+                else:
+                    leads.append(takeoff - fired if fired != "" else None)
         return leads, false
 
     lines = ["| signal | threshold (chosen on the fit seeds) | lead, fit seeds | false alarms, fit | lead, held-out seeds "
@@ -674,13 +671,13 @@ def signal_table(*folders, fit_seeds=(0, 1, 2), horizon: int = 50) -> str:
     n_quiet = {fit: sum(t == "" for f, t, _ in runs if f == fit) for fit in (True, False)}
     for name in [k for k in runs[0][2] if k != "steps"]:
         seen = sorted({v for f, _, sig in runs if f for v in sig[name] if math.isfinite(v)})
-        grid = [(a + b) / 2 for a, b in zip(seen, seen[1:])]           # thresholds between the values seen
-        best = None                         # (threshold, smallest lead on the fit seeds)
-        for thr in grid[::max(1, len(grid) // 400)]:
+        ok = []                             # (threshold, smallest lead on the fit seeds)
+        for thr in [(a + b) / 2 for a, b in zip(seen, seen[1:])][::max(1, len(seen) // 400)]:   # between values seen
             leads, false = score(name, thr, True)
-            worst = min((x if x is not None else -math.inf for x in leads), default=-math.inf)
-            if false == 0 and (best is None or worst > best[1] or worst >= best[1] >= 10 or worst >= 10 > best[1]):
-                best = (thr, worst)
+            if false == 0 and all(x is None or x <= horizon for x in leads):
+                ok.append((thr, min((x if x is not None else -math.inf for x in leads), default=-math.inf)))
+        enough = [x for x in ok if x[1] >= 10]
+        best = enough[-1] if enough else max(ok, key=lambda x: x[1], default=None)
         if best is None:
             lines.append(f"| {name} | none without a false alarm | | | | |")
             continue

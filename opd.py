@@ -885,11 +885,13 @@ def run_opd(cfg: Config, method: str = "opd"):
                                              t_ids.shape[1], cfg.length_groups)                    # (B, T, H_t)
                 h_ref = response_hidden_states(ref, seq, attn, P, cfg.length_groups) if cfg.ref_kl > 0 else None
             t2 = clock(device)
-            # --- 3. the student's one forward: loss and metrics both come from it
-            h_s = response_hidden_states(student, seq, attn, P, cfg.length_groups)            # (B, T, H_s)
-            terms = token_terms(h_s, student.get_output_embeddings(), h_t, teacher.get_output_embeddings(),
-                                resp, eos, cfg.temperature, cfg.chunk_size, full_kl=cfg.objective == "full",
-                                h_ref=h_ref, head_ref=ref.get_output_embeddings() if h_ref is not None else None)
+            # --- 3. the student's one forward: loss and metrics both come from it (metrics alone,
+            # with no graph, when no term of the loss needs it: the sft-only control)
+            with torch.set_grad_enabled(cfg.opd_coef > 0 or cfg.ref_kl > 0):
+                h_s = response_hidden_states(student, seq, attn, P, cfg.length_groups)        # (B, T, H_s)
+                terms = token_terms(h_s, student.get_output_embeddings(), h_t, teacher.get_output_embeddings(),
+                                    resp, eos, cfg.temperature, cfg.chunk_size, full_kl=cfg.objective == "full",
+                                    h_ref=h_ref, head_ref=ref.get_output_embeddings() if h_ref is not None else None)
             lp_s, lp_t = terms["logp_student"], terms["logp_teacher"]                        # (B, T)
             adv = sampled_token_advantage(lp_t, lp_s)                                        # (B, T)
             # --- 4. stabilizers that shape the advantage or the weights (section 5)

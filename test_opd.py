@@ -1259,3 +1259,24 @@ def test_gguf_through_the_flags_and_save_student(tmp_path):
     r = subprocess.run([sys.executable, str(HERE / "opd.py"), *args], capture_output=True, text=True, env=env)
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0, r.stderr[-2000:]
     assert "is a GGUF file" in r.stderr and opd.GGUF_INSTALL in r.stderr
+
+
+def test_real_study_build_student_script_runs_as_written(real_pairs, tmp_path, monkeypatch):
+    """Tutorial section 6's build_student.py, run as written on a tiny local teacher (the one
+    change: it keeps 1 of the tiny teacher's 2 layers where the real one keeps 6 of 30)."""
+    block = next(b for b in re.findall(r"```python\n(.*?)```", (HERE / "tutorial.md").read_text(), re.S)
+                 if "layer_dropped" in b and "save_pretrained(out)" in b)
+    assert block.count("keep=range(6)") == 1
+    d, _ = real_pairs
+    rows = [{"prompt": "bada kelo mi", "answer": "sute"}] * 4
+    for name in ("warmup.jsonl", "prompts.jsonl"):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["build_student.py", str(d / "llama" / "teacher"), "student", "2"])
+    threads = torch.get_num_threads()
+    try:
+        exec(block.replace("keep=range(6)", "keep=range(1)"), {})
+    finally:
+        torch.set_num_threads(threads)                                # the script sets one thread
+    _, student = opd.load_pretrained(str(tmp_path / "student"), "cpu")
+    assert student.config.num_hidden_layers == 1

@@ -1508,7 +1508,7 @@ def plot_study(results, out: Path):
         ax.set_xlabel("OPD step")
         ax.set_ylim(-0.02, 1.02)
     axes[0].legend(fontsize=8)
-    fig.suptitle("OPD learns, then its rollouts inflate and it collapses (mean over seeds, band: range of the seeds)")
+    fig.suptitle(" vs ".join(head) + ": accuracy, truncation and repetition (mean over seeds, band: range of the seeds)")
     fig.tight_layout()
     fig.savefig(out / "fig1_inflation.png", dpi=110)
     plt.close(fig)

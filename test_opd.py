@@ -847,6 +847,19 @@ def test_tutorial_names_exist_in_opd():
     assert not missing, f"tutorial.md names functions opd.py lacks: {missing}"
 
 
+def test_documented_figures_and_tables_are_tracked():
+    """Every plots/ file the docs show or cite is in the repository (git ls-files): a figure
+    written but ignored or never added shows as a broken image on a fresh checkout."""
+    text = (HERE / "tutorial.md").read_text() + (HERE / "README.md").read_text()
+    cited = set(re.findall(r"plots/[\w/.-]+\.(?:png|csv|md)", text))
+    assert {"plots/fig1_inflation.png", "plots/real/fig1_inflation.png"} <= cited     # the pattern finds them
+    import shutil
+    if not (HERE / ".git").exists() or not shutil.which("git"):
+        pytest.skip("not a git checkout")
+    tracked = set(subprocess.run(["git", "ls-files", "plots"], cwd=HERE, capture_output=True, text=True).stdout.split())
+    assert not cited - tracked, f"the docs cite files the repository lacks: {sorted(cited - tracked)}"
+
+
 def test_documented_flags_exist():
     text = (HERE / "tutorial.md").read_text() + (HERE / "README.md").read_text()
     text = "\n".join(l for l in text.splitlines() if not l.lstrip().startswith("pip "))   # pip's own flags

@@ -93,7 +93,7 @@ class Config:
                                            "(no loss on the first 2 extra), so deep loops become absorbing; 0.3 forgot to stop")
     student_layers: int = _f(2, "same depth as the teacher but half the width: can learn, starts weaker")
     student_width: int = _f(64, "hidden size of the student")
-    student_steps: int = _f(400, "SFT warm-up on the gold set: held-out accuracy 0.55; more SFT on the same set adds little")
+    student_steps: int = _f(400, "SFT warm-up on the gold set: held-out accuracy 0.54; more SFT on the same set adds little")
     student_free_frac: float = _f(0.0, "free text in the student's warm-up; 0.5 with 250 steps gives a student OPD improves "
                                        "without inflating (tutorial, section 4)")
     gold_size: int = _f(256, "reference solutions in the fixed gold set (the student's warm-up, --sft-coef); "
@@ -130,7 +130,7 @@ class Config:
     rep_tau: float = _f(3.0, "CompRatio above which a tail is repetitive: 24-token loops score 3.4-4.8, random tails 1.0-2.1")
     alert_max_len: int = _f(0, "alert when a rollout is longer than this (the starter's check); 0: off, one long rollout is noise")
     alert_trunc: float = _f(0.2, "alert when the truncation rate exceeds this")
-    alert_rep: float = _f(0.01, "alert when the repetition rate exceeds this: the earliest warning measured, 22-48 "
+    alert_rep: float = _f(0.01, "alert when the repetition rate exceeds this: the earliest warning measured, 8-58 "
                                 "steps before the take-off, no false alarm (tutorial, section 3)")
     alert_growth: float = _f(0.4, "alert when mean length exceeds its EMA by this fraction (0.25 fired on healthy runs)")
     alert_patience: int = _f(2, "an alert fires once its condition held this many consecutive steps (1 step: "

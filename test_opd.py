@@ -839,6 +839,13 @@ def test_nan_loss_stops_cleanly_and_keeps_metrics(work, monkeypatch):
 
 # ----------------------------------------------------------------------------- docs
 
+def tutorial_block(marker: str) -> str:
+    """The one ```python block of tutorial.md that contains `marker`: the tests run it as written."""
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", (HERE / "tutorial.md").read_text(), re.S) if marker in b]
+    assert len(blocks) == 1, f"{len(blocks)} tutorial blocks contain {marker!r}"
+    return blocks[0]
+
+
 def test_tutorial_names_exist_in_opd():
     text = (HERE / "tutorial.md").read_text()
     names = set(re.findall(r"`([A-Za-z_][A-Za-z0-9_]*)\(\)`", text))
@@ -884,8 +891,7 @@ def test_tutorial_monitor_snippet_runs():
     """Section 3's snippet for other loops, as written there, on two steps of responses: the
     second holds loops, and the repetition alert of the default thresholds fires on it."""
     import types
-    block = next(b for b in re.findall(r"```python\n(.*?)```", (HERE / "tutorial.md").read_text(), re.S)
-                 if "monitor = LengthMonitor(eos_id=tokenizer.eos_token_id" in b)
+    block = tutorial_block("monitor = LengthMonitor(eos_id=tokenizer.eos_token_id")
     setup, per_step = block.split("# each step", 1)
     logged = []
     ns = {"tokenizer": opd.build_tokenizer(), "max_new_tokens": 48,
@@ -1118,9 +1124,8 @@ def test_trl_distillation_trainer_recipe(real_pairs, tmp_path):
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
     from trl import DistillationConfig
-    blocks = re.findall(r"```python\n(.*?)```", (HERE / "tutorial.md").read_text(), re.S)
     ns = {}
-    exec(next(b for b in blocks if "class MonitoredDistillationTrainer" in b), ns)
+    exec(tutorial_block("class MonitoredDistillationTrainer"), ns)
     d, tok = real_pairs
     tok = copy.deepcopy(tok)
     tok.padding_side = "left"                                         # TRL generates from left-padded prompts
@@ -1277,8 +1282,7 @@ def test_gguf_through_the_flags_and_save_student(tmp_path):
 def test_real_study_build_student_script_runs_as_written(real_pairs, tmp_path, monkeypatch):
     """Tutorial section 6's build_student.py, run as written on a tiny local teacher (the one
     change: it keeps 1 of the tiny teacher's 2 layers where the real one keeps 6 of 30)."""
-    block = next(b for b in re.findall(r"```python\n(.*?)```", (HERE / "tutorial.md").read_text(), re.S)
-                 if "layer_dropped" in b and "save_pretrained(out)" in b)
+    block = tutorial_block("student = opd.layer_dropped(teacher, keep=range(6))")
     assert block.count("keep=range(6)") == 1
     d, _ = real_pairs
     rows = [{"prompt": "bada kelo mi", "answer": "sute"}] * 4

@@ -5,16 +5,16 @@ student sampled, and the student is trained to lower the reverse KL KL(p_S || p_
 states it visits itself (GKD, Agarwal et al. 2024, arXiv 2306.13649). Luo et al. 2026
 (arXiv 2604.08527) showed that this can fail abruptly: the rollouts grow until they fill
 the length budget, turn repetitive, and accuracy falls ("length inflation"). This file
-builds a model pair on which OPD first teaches the student and then collapses, measures
-both with the paper's metrics, warns before the collapse, and compares the stabilizers
-proposed for it against a supervised control on the same seeds.
+runs OPD on a small model pair on which it first teaches the student and then collapses,
+measures both with the paper's metrics, warns before the collapse, and compares the
+stabilizers proposed for it against a supervised control on the same seeds.
 
     python opd.py                                   # the study: opd, stable-opd, sft-only, opd+guard
     python opd.py --methods all                     # every stabilizer preset (plots/all/)
     python opd.py --methods opd --seeds 1           # one plain OPD run
     python opd.py --methods opd --seeds 1 --ref-kl 0.1 --sft-coef 0.5   # your own mix
     python opd.py --teacher PATH --student PATH --prompts FILE --device cuda  # real models
-    python opd.py --teacher FILE.gguf --student DIR --prompts FILE  # GGUF (tutorial, section 6)
+    python opd.py --replot                          # redraw the table and figures from runs/
     python opd.py --help                            # every option, with its reason
 
 Deliberately left out, compared with the paper's setup: no PPO/GRPO ratio or clipping
@@ -23,15 +23,17 @@ per prompt instead of a group (OPD's advantage needs no group baseline); a synth
 and a two-layer model pair instead of math problems and 1.5B/7B models; and zlib's
 compression test is scaled down from a 10,000-character tail to a 24-token one.
 
-Sections (the tutorial has the same headings, in the same order):
+Sections (tutorial.md has the same headings, in the same order). 1-5 are OPD itself;
+below the banner that follows them is the machinery a real run needs.
   1. OPD in one page            objectives, masks, loss aggregation
-  2. Task and model pair        synthetic task, tokenizer, teacher/student build and cache
-  3. Monitor                    length, truncation and repetition metrics; alerts; which warns first
-  4. Length inflation reproduced rollouts, the training loop, the guard
-  5. Stabilizers                one small function per fix
+  2. Task and model pair        synthetic task, tokenizer, the teacher and student and how they are built
+  3. Monitor                    length, truncation and repetition metrics; alerts
+  4. Length inflation reproduced rollouts, per-token terms, the training loop
+  5. Stabilizers                one small function per fix, opd_loss() that composes them, the guard
+  ---- OPD ends here ----
   6. Real models                any Hugging Face pair or GGUF file, the checks before step 0
-  7. Scaling up                 chunked loss so memory does not grow with T x V
-  8. Study and exercises        the study over methods and seeds, table and plots
+  7. Scaling up                 timing, memory of the chunked loss, run folders, checkpoint and resume
+  8. Study and exercises        presets, flag validation, the study, its table, signals and plots, the CLI
 """
 from __future__ import annotations
 
@@ -61,53 +63,60 @@ from torch.utils.checkpoint import checkpoint
 transformers.utils.logging.disable_progress_bar()       # one line per step is the log; no bars
 
 
-def _f(default, why):
-    """A config field with its one-line reason (shown by --help)."""
-    return field(default=default, metadata={"help": why})
+def _f(default, why, neutral=False):
+    """A config field with its one-line reason (shown by --help). neutral: the flag changes no
+    number a run computes (where files go, how often to save, how many processes)."""
+    return field(default=default, metadata={"help": why, "neutral": neutral})
 
 
 @dataclass
 class Config:
     # --- what to run
-    methods: str = _f("opd,stable-opd,sft-only,opd+guard", "comma-separated presets from METHODS, each run on every "
-                      "seed; 'all': every preset (the whole comparison, sections 5 and 8)")
+    methods: str = _f("opd,stable-opd,sft-only,opd+guard", "comma-separated presets (section 5, METHODS in section 8), "
+                      "each run on every seed; 'all': every preset")
     seeds: int = _f(3, "number of seeds per method (seed, seed+1, ...)")
     seed: int = _f(0, "first seed; the only source of randomness (torch and the task sampler)")
-    run_name: str = _f("", "run folder name under out_dir; empty: '<method>-s<seed>'")
-    out_dir: str = _f("runs", "each run writes out_dir/<run_name>/metrics.jsonl")
+    run_name: str = _f("", "run folder name under out_dir, for a command that makes one run; empty: '<method>-s<seed>'")
+    out_dir: str = _f("runs", "each run writes out_dir/<run_name>/metrics.jsonl", neutral=True)
     plots_dir: str = _f("", "study figures, results.csv, results.md; empty: plots/ for the default study, "
-                            "<out_dir>/plots for any other, so a one-off run never overwrites the committed figures")
+                            "<out_dir>/plots for any other, so a one-off run leaves the committed figures alone",
+                        neutral=True)
+    replot: bool = _f(False, "train nothing: redraw the table and figures from the run folders in --out-dir", neutral=True)
     device: str = _f("cpu", "'cpu' or 'cuda'; the default pair is small enough for a CPU")
     workers: int = _f(0, "parallel processes for the study; 0: one per CPU core, at most one per run (each with "
-                         "--threads 1: on 2 cores, 2 single-threaded runs beat 1 two-threaded)")
-    # --- model pair (empty paths: build the default pair of section 2)
-    teacher: str = _f("", "teacher folder, .gguf file (needs gguf + accelerate) or hub id; empty: the self-built default teacher")
-    student: str = _f("", "student folder, .gguf file (needs gguf + accelerate) or hub id; empty: the self-built default student")
+                         "--threads 1: small models use one core well)", neutral=True)
+    threads: int = _f(1, "torch threads per process (set on purpose: the thread count changes the last bits)")
+    # --- model pair (empty paths: the default pair of section 2)
+    teacher: str = _f("", "teacher folder, .gguf file (needs gguf + accelerate) or hub id; empty: the default teacher")
+    student: str = _f("", "student folder, .gguf file (needs gguf + accelerate) or hub id; empty: the default student")
     prompts: str = _f("", "JSON-lines file of {'prompt': ..., 'answer': optional}; empty: the synthetic task")
-    cache_dir: str = _f(".cache", "the default pair is saved here, in a folder keyed by its configuration")
+    cache_dir: str = _f(".cache", "a default pair built with other settings is saved here, in a folder keyed by them",
+                        neutral=True)
     teacher_layers: int = _f(2, "two layers: enough to count motif repeats reliably")
     teacher_width: int = _f(128, "hidden size of the teacher")
-    teacher_steps: int = _f(800, "supervised steps: held-out exact match 0.84 greedy, 0.82 sampled")
-    teacher_free_frac: float = _f(0.5, "share of the teacher's training that is free repetition text (no count, no EOS); 0 never inflated")
+    teacher_steps: int = _f(800, "supervised steps of the teacher's build")
+    teacher_free_frac: float = _f(0.5, "share of the teacher's training that is free repetition text (no count, no "
+                                       "EOS): the habit of continuing a pattern that a pretrained LM has")
     teacher_overrun_frac: float = _f(0.15, "share of over-run text: counted prompts whose text runs on past k repeats "
-                                           "(no loss on the first 2 extra), so deep loops become absorbing; 0.3 forgot to stop")
+                                           "(no loss on the first 2 extra), so deep loops become absorbing")
     student_layers: int = _f(2, "same depth as the teacher but half the width: can learn, starts weaker")
     student_width: int = _f(64, "hidden size of the student")
-    student_steps: int = _f(400, "SFT warm-up on the gold set: held-out accuracy 0.54; more SFT on the same set adds little")
-    student_free_frac: float = _f(0.0, "free text in the student's warm-up; 0.5 with 250 steps gives a student OPD improves "
-                                       "without inflating (tutorial, section 4)")
-    gold_size: int = _f(256, "reference solutions in the fixed gold set (the student's warm-up, --sft-coef); "
-                             "0: each step's own prompts' answers. 512 took the student past the teacher")
+    student_steps: int = _f(400, "SFT warm-up steps on the gold set: the student is an SFT checkpoint, as in the paper")
+    student_free_frac: float = _f(0.0, "free text in the student's warm-up (see --teacher-free-frac)")
+    gold_size: int = _f(256, "reference solutions in the fixed gold set (the student's warm-up, --sft-coef): complete "
+                             "solutions are scarce where OPD is used; 0: each step's own prompts' answers")
     pretrain_lr: float = _f(3e-3, "AdamW lr for building the pair (small models, short schedules)")
     # --- OPD
-    steps: int = _f(400, "OPD updates per run: learning by ~150, inflation between ~270 and ~350 (tutorial, section 4)")
-    batch_size: int = _f(128, "prompts per step, one rollout each; 64 made the onset step seed-dependent")
-    lr: float = _f(1e-3, "AdamW lr for OPD; 2e-3 and 1.5e-3 collapsed before learning (tutorial, section 4)")
+    steps: int = _f(400, "OPD updates per run: a learning phase, then room for the collapse (tutorial, section 4)")
+    batch_size: int = _f(128, "prompts per step, one rollout each")
+    lr: float = _f(1e-3, "AdamW lr for OPD, large for a small model and a short run")
     temperature: float = _f(1.0, "sampling AND loss temperature; they must match for on-policy samples")
     max_new_tokens: int = _f(48, "length budget: 2.4x the longest correct answer (20 tokens)")
-    objective: str = _f("sampled", "'sampled': A_t = log p_T(y_t) - log p_S(y_t), loss -A_t log p_S(y_t); 'full': KL(p_S||p_T) over the vocabulary")
-    loss_agg: str = _f("token-mean", "verl's names: token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm")
-    warmup: int = _f(50, "linear lr warm-up steps; 20 let one seed in four collapse before it learned")
+    objective: str = _f("sampled", "'sampled': A_t = log p_T(y_t) - log p_S(y_t), loss -A_t log p_S(y_t); "
+                                   "'full': KL(p_S||p_T) over the vocabulary")
+    loss_agg: str = _f("token-mean", "verl's names: token-mean | seq-mean-token-mean | seq-mean-token-sum | "
+                                     "seq-mean-token-sum-norm")
+    warmup: int = _f(50, "linear lr warm-up steps: the first updates, on the largest KL, are the most violent")
     decay: float = _f(0.1, "share of the steps, at the end, with the lr decaying linearly to 0 (warmup-stable-decay), "
                            "so a run's final accuracy is read on a settled student, not on one noisy step")
     grad_clip: float = _f(1.0, "global grad-norm clip, as in most RL fine-tuning recipes")
@@ -117,7 +126,7 @@ class Config:
     opd_coef: float = _f(1.0, "weight of the OPD term; 0 with --sft-coef is the sft-only control")
     # --- stabilizers (section 5); all off by default: plain OPD
     ref_kl: float = _f(0.0, "beta of beta*KL(p_S || p_ref), p_ref = frozen initial student (Stable-OPD)")
-    sft_coef: float = _f(0.0, "lambda of the NLL on clean reference answers of the step's prompts (rollout mixture)")
+    sft_coef: float = _f(0.0, "lambda of the NLL on reference solutions from the gold set (rollout mixture)")
     trunc_weight: float = _f(1.0, "loss weight of truncated rollouts: 0 drops them (DAPO overlong filtering)")
     overlong_buffer: int = _f(0, "DAPO soft overlong penalty over the last B tokens of the budget; 0: off")
     adv_regulation: str = _f("none", "'none' | 'log': sign(A)log(1+|A|) | 'clip': A clipped to +-adv_clip")
@@ -127,95 +136,25 @@ class Config:
     guard: bool = _f(False, "on a monitor alert: restore the last healthy student and switch on Stable-OPD")
     # --- monitor (section 3)
     rep_window: int = _f(24, "tokens of the tail the compression test looks at: half the budget")
-    rep_tau: float = _f(3.0, "CompRatio above which a tail is repetitive: 24-token loops score 3.4-4.8, random tails 1.0-2.1")
-    alert_max_len: int = _f(0, "alert when a rollout is longer than this (the starter's check); 0: off, one long rollout is noise")
+    rep_tau: float = _f(3.0, "CompRatio above which a tail is repetitive: 24-token loops score 3.4-4.8, random "
+                             "tails 1.0-2.1 (zlib's overhead on 96 bytes)")
+    alert_max_len: int = _f(0, "alert when a rollout is longer than this (the starter's check); 0: off, one long "
+                               "rollout is noise")
     alert_trunc: float = _f(0.2, "alert when the truncation rate exceeds this")
-    alert_rep: float = _f(0.01, "alert when the repetition rate exceeds this: the earliest warning measured, 8-58 "
-                                "steps before the take-off, no false alarm (tutorial, section 3)")
-    alert_growth: float = _f(0.4, "alert when mean length exceeds its EMA by this fraction (0.25 fired on healthy runs)")
-    alert_patience: int = _f(2, "an alert fires once its condition held this many consecutive steps (1 step: "
-                                "a stable-opd seed's single batch at repetition 0.11 was an alarm)")
+    alert_rep: float = _f(0.01, "alert when the repetition rate exceeds this: more than 1 looping rollout in 128")
+    alert_growth: float = _f(0.4, "alert when mean length exceeds its EMA by this fraction")
+    alert_patience: int = _f(2, "an alert fires once its condition held this many consecutive steps: one noisy "
+                                "batch is not an alarm")
     # --- evaluation and logging
     eval_every: int = _f(20, "held-out evaluation (greedy and sampled) every N steps")
     eval_size: int = _f(256, "held-out prompts: standard error of the accuracy ~0.03")
-    log_samples_every: int = _f(50, "print a few decoded rollouts every N steps")
-    threads: int = _f(1, "torch threads per process (set on purpose; see --workers)")
-    save_student: bool = _f(False, "save the final student with save_pretrained in the run folder")
-    save_every: int = _f(10, "write <run folder>/checkpoint.pt every N steps and at the end; 0: off. ~2 MB for the "
-                             "default pair; a 1.5B student with AdamW's moments is ~18 GB, so raise N for real models")
+    log_samples_every: int = _f(50, "print a few decoded rollouts every N steps", neutral=True)
+    save_student: bool = _f(False, "save the final student with save_pretrained in the run folder", neutral=True)
+    save_every: int = _f(10, "write <run folder>/checkpoint.pt every N steps and at the end; 0: off. A checkpoint "
+                             "holds the student and AdamW's two moments: raise N for real models", neutral=True)
     resume: bool = _f(False, "continue each run from its checkpoint.pt (same flags; --steps may grow); "
-                             "a run without one starts at step 0")
+                             "a run without one starts at step 0", neutral=True)
     self_distill: bool = _f(False, "sanity mode: the teacher is the student itself; the loss must be 0")
-
-
-LOSS_AGG = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")   # verl's names
-
-
-def validate_config(cfg: Config) -> None:
-    """Every flag's allowed values and combinations, in one place, checked before anything is
-    built or loaded. A bad value prints one line naming the flag, the value and what is
-    allowed, and exits with code 2 (argparse's code for a usage error); warnings go on."""
-    methods = list(METHODS) if cfg.methods == "all" else [m.strip() for m in cfg.methods.split(",") if m.strip()]
-    floats = [f.name for f in dataclasses.fields(Config) if f.type in ("float", float)]
-    rules = [  # (field, holds, what is allowed)
-        *[(name, math.isfinite(getattr(cfg, name)), "a finite number") for name in floats],
-        ("methods", bool(methods) and all(m in METHODS for m in methods), "'all' or a comma-separated list of " + ", ".join(METHODS)),
-        ("seeds", cfg.seeds >= 1, ">= 1"),
-        ("seed", cfg.seed >= 0, ">= 0"),
-        ("device", re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device) is not None, "'cpu', 'cuda' or 'cuda:N'"),
-        ("device", cfg.device == "cpu" or torch.cuda.is_available(), "'cpu' on this machine: no CUDA device is visible"),
-        ("workers", cfg.workers >= 0, ">= 0 (0: one per CPU core)"),
-        ("threads", cfg.threads >= 1, ">= 1"),
-        ("teacher" if cfg.teacher else "student", bool(cfg.teacher) == bool(cfg.student),
-         f"given together with --{'student' if cfg.teacher else 'teacher'}, or neither (the default pair)"),
-        *[(f"{role}_{k}", getattr(cfg, f"{role}_{k}") >= 1, ">= 1") for role in ("teacher", "student") for k in ("layers", "steps")],
-        *[(f"{role}_width", getattr(cfg, f"{role}_width") >= 4 and getattr(cfg, f"{role}_width") % 4 == 0,
-           "a positive multiple of 4 (the default pair has 4 attention heads)") for role in ("teacher", "student")],
-        *[(f"{role}_free_frac", 0 <= getattr(cfg, f"{role}_free_frac") <= 1, "between 0 and 1") for role in ("teacher", "student")],
-        ("teacher_overrun_frac", 0 <= cfg.teacher_overrun_frac <= 1 - cfg.teacher_free_frac,
-         f"between 0 and 1 - --teacher-free-frac ({1 - cfg.teacher_free_frac:g})"),
-        ("gold_size", cfg.gold_size >= 0, ">= 0 (0: every prompt's own answer)"),
-        ("pretrain_lr", cfg.pretrain_lr > 0, "> 0"),
-        ("steps", cfg.steps >= 1, ">= 1"),
-        ("batch_size", cfg.batch_size >= 1, ">= 1"),
-        ("lr", cfg.lr > 0, "> 0"),
-        ("temperature", cfg.temperature > 0, "> 0 (sampling divides the logits by it)"),
-        ("max_new_tokens", cfg.max_new_tokens >= 1, "at least 1"),
-        ("objective", cfg.objective in ("sampled", "full"), "'sampled' or 'full'"),
-        ("loss_agg", cfg.loss_agg in LOSS_AGG, "one of " + ", ".join(LOSS_AGG)),
-        ("warmup", cfg.warmup >= 0, ">= 0"),
-        ("decay", 0 <= cfg.decay <= 1, "between 0 and 1"),
-        ("grad_clip", cfg.grad_clip > 0, "> 0"),
-        ("chunk_size", cfg.chunk_size >= 0, ">= 0 (0: all positions at once)"),
-        ("length_groups", cfg.length_groups >= 1, ">= 1"),
-        ("opd_coef", cfg.opd_coef >= 0, ">= 0"),
-        ("opd_coef", cfg.opd_coef > 0 or cfg.sft_coef > 0, "> 0 unless --sft-coef is (otherwise nothing is trained)"),
-        ("ref_kl", cfg.ref_kl >= 0, ">= 0"),
-        ("sft_coef", cfg.sft_coef >= 0, ">= 0"),
-        ("trunc_weight", 0 <= cfg.trunc_weight <= 1, "between 0 and 1"),
-        ("overlong_buffer", 0 <= cfg.overlong_buffer <= cfg.max_new_tokens, f"between 0 and --max-new-tokens ({cfg.max_new_tokens})"),
-        ("adv_regulation", cfg.adv_regulation in ("none", "log", "clip"), "'none', 'log' or 'clip'"),
-        ("adv_clip", cfg.adv_clip > 0, "> 0"),
-        ("rep_penalty", cfg.rep_penalty > 0, "> 0 (1: off)"),
-        ("rep_window", cfg.rep_window >= 1, ">= 1"),
-        ("rep_tau", cfg.rep_tau > 0, "> 0"),
-        ("alert_max_len", cfg.alert_max_len >= 0, ">= 0 (0: off)"),
-        ("alert_trunc", 0 <= cfg.alert_trunc <= 1, "between 0 and 1"),
-        ("alert_rep", 0 <= cfg.alert_rep <= 1, "between 0 and 1"),
-        ("alert_growth", cfg.alert_growth > 0, "> 0"),
-        ("alert_patience", cfg.alert_patience >= 1, ">= 1"),
-        ("eval_every", cfg.eval_every >= 1, ">= 1"),
-        ("eval_size", cfg.eval_size >= 1, ">= 1"),
-        ("log_samples_every", cfg.log_samples_every >= 0, ">= 0 (0: off)"),
-        ("save_every", cfg.save_every >= 0, ">= 0 (0: off)"),
-    ]
-    for name, holds, allowed in rules:
-        if not holds:
-            print(f"error: --{name.replace('_', '-')} must be {allowed} (got {getattr(cfg, name)!r})", file=sys.stderr)
-            sys.exit(2)
-    if cfg.objective == "full" and (cfg.overlong_buffer or cfg.adv_regulation != "none" or cfg.eos_mask):
-        print("[check] warning: --overlong-buffer, --adv-regulation and --eos-mask shape the sampled-token "
-              "advantage; with --objective full they have no effect", flush=True)
 
 
 # =============================================================================
@@ -255,6 +194,9 @@ def full_vocab_reverse_kl(logp_student: torch.Tensor, logp_teacher: torch.Tensor
     return (logp_student.exp() * (logp_student - logp_teacher)).sum(-1)
 
 
+LOSS_AGG = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")   # verl's names
+
+
 def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str, max_len: int | None = None):
     """Reduce a (B, T) per-token loss over the response mask, with verl's mode names.
 
@@ -274,8 +216,7 @@ def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str, max_l
         return masked.sum(-1).mean()
     if mode == "seq-mean-token-sum-norm":
         return masked.sum(-1).mean() / (max_len or per_token.shape[-1])
-    raise ValueError(f"unknown loss_agg {mode!r}; use token-mean, seq-mean-token-mean, "
-                     "seq-mean-token-sum or seq-mean-token-sum-norm")
+    raise ValueError(f"unknown loss_agg {mode!r}; use " + ", ".join(LOSS_AGG))
 
 
 # =============================================================================
@@ -287,6 +228,7 @@ def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str, max_l
 # learns and a width-64 student after a short warm-up only half learns. A student unsure
 # where to stop is exactly where length inflation starts. (A task whose answer length is
 # fixed by the prompt, e.g. reversal, did not inflate at all: see the tutorial.)
+# build_default_pair() records each model's held-out accuracy with evaluate() (section 4).
 
 LETTERS = list("abcdefgh")          # 8 motif symbols
 COUNTS = [1, 2, 3, 4, 5]            # repeats; longest answer 4 * 5 = 20 tokens
@@ -382,6 +324,11 @@ def left_pad(seqs: list[list[int]], pad: int, device="cpu"):
     return ids, mask
 
 
+def position_ids(attn: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions that start at 0 on each row's first real token: left padding takes none."""
+    return (attn.cumsum(-1) - 1).clamp(min=0)
+
+
 def encode_batch(tokenizer, texts: list[str], device="cpu"):
     """Left-padded prompt ids (B, P) and attention mask (B, P)."""
     return left_pad(prompt_token_ids(tokenizer, texts), tokenizer.pad_token_id, device)
@@ -399,10 +346,9 @@ def supervised_batch(tokenizer, examples, device="cpu"):
 
 
 def sft_nll(model, tokenizer, examples, device="cpu"):
-    """Mean NLL of the reference answers (teacher/student warm-up and rollout mixture)."""
+    """Mean NLL of the reference answers (the pair's build and the rollout mixture of section 5)."""
     input_ids, attn, labels = supervised_batch(tokenizer, examples, device)
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=input_ids, attention_mask=attn, position_ids=pos).logits.float()  # (B, T, V)
+    logits = model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids(attn)).logits.float()  # (B, T, V)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
 
 
@@ -451,16 +397,13 @@ def loop_eos_profile(model, tokenizer, examples, depths=range(-1, 6)) -> dict:
         prompts = prompt_token_ids(tokenizer, [p for p, _ in rows])
         answers = tokenizer([" ".join(a) for _, a in rows], add_special_tokens=False)["input_ids"]
         ids, attn = left_pad([p + a for p, a in zip(prompts, answers)], tokenizer.pad_token_id)
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, -1].float()   # (B, V)
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn)).logits[:, -1].float()  # (B, V)
         out[d] = round(F.softmax(logits, -1)[:, tokenizer.eos_token_id].mean().item(), 3)
     return out
 
 
 # The weights of a build depend on the thread count (the order of floating-point reductions),
-# so it is fixed: these are the counts the default pair was searched and measured with. The
-# collapse depends on the exact teacher: one built the same way on 1 thread taught the student
-# to 0.82-0.84 and never collapsed it within 400 steps (seeds 0 and 1; tutorial, section 4).
+# so it is fixed per role.
 BUILD_THREADS = {"teacher": 2, "student": 1}
 
 
@@ -489,7 +432,7 @@ def build_default_pair(cfg: Config) -> tuple[str, str]:
         t0, threads = time.time(), torch.get_num_threads()
         seed = {"teacher": 0, "student": 1}[role]
         torch.manual_seed(seed)
-        torch.set_num_threads(BUILD_THREADS[role])        # the same weights on every machine
+        torch.set_num_threads(BUILD_THREADS[role])        # the same weights on every machine of this kind
         tokenizer, task = build_tokenizer(), MotifTask()
         model = make_model(tokenizer, getattr(cfg, f"{role}_layers"), getattr(cfg, f"{role}_width"))
         train_supervised(model, tokenizer, pretraining_mix(task, cfg, role), getattr(cfg, f"{role}_steps"),
@@ -499,10 +442,9 @@ def build_default_pair(cfg: Config) -> tuple[str, str]:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        ev = evaluate(model, tokenizer, task.eval_set, cfg.max_new_tokens, generator=torch.Generator().manual_seed(0))
         info = {"role": role, "build_s": round(time.time() - t0, 1), "params": sum(p.numel() for p in model.parameters()),
-                "accuracy": evaluate(model, tokenizer, task.eval_set, cfg.max_new_tokens)["accuracy"],
-                "accuracy_sampled": evaluate(model, tokenizer, task.eval_set, cfg.max_new_tokens, temperature=1.0,
-                                             generator=torch.Generator().manual_seed(0))["accuracy"],
+                "accuracy": ev["accuracy"], "accuracy_sampled": ev["accuracy_sampled"],
                 "p_eos_by_depth": loop_eos_profile(model, tokenizer, task.eval_set)}
         (tmp / "build.json").write_text(json.dumps(info, indent=1))
         (tmp / "DONE").write_text("ok")
@@ -604,102 +546,13 @@ class LengthMonitor:
         return out
 
 
-# Which signal warns first? Each candidate is one number per training step, computed from a
-# run's logged metrics; signal_table() scores them against the take-off (tutorial, section 3).
-
-def _slope(xs, i, n=10):
-    """Least-squares slope per step of the last n values up to xs[i] (0 before there are n)."""
-    if i + 1 < n or any(x != x for x in xs[i + 1 - n:i + 1]):
-        return 0.0
-    w, mid = xs[i + 1 - n:i + 1], (n - 1) / 2
-    return sum((j - mid) * (x - sum(w) / n) for j, x in enumerate(w)) / sum((j - mid) ** 2 for j in range(n))
-
-
-def warning_signals(rows) -> dict:
-    """Candidate early warnings of the collapse, each a list with one value per training step."""
-    rows = [r for r in rows if "rollout/trunc_rate" in r]
-    col = lambda k: [float(r.get(k, math.nan)) for r in rows]
-    ngram, ema = col("rollout/ngram_rep"), []
-    for x in ngram:
-        ema.append(x if not ema else 0.9 * ema[-1] + 0.1 * x)
-    frac, logp_t = col("adv/repetitive_frac"), col("logp/teacher")
-    return {"steps": [r["step"] for r in rows],
-            "repetition rate": col("rollout/rep_rate"),
-            "3-gram repetition over its EMA": [x - e for x, e in zip(ngram, [ngram[0]] + ema[:-1])],
-            "repetitive-token share, slope": [_slope(frac, i) for i in range(len(rows))],
-            "advantage gap, repetitive - regular": [a - b if a == a else -math.inf for a, b in
-                                                    zip(col("adv/repetitive"), col("adv/regular"))],
-            "share of stops with p_T(EOS) < p_S(EOS)": col("eos/teacher_lower_frac"),
-            "length over its EMA": col("rollout/growth"),
-            "p90 length": col("rollout/len_p90"),
-            "teacher log-prob, falling slope": [-_slope(logp_t, i) for i in range(len(rows))]}
-
-
-def fire_step(steps, values, threshold: float, patience: int = 2, start: int = 10):
-    """First step at which `values` exceeded `threshold` `patience` steps in a row ('' if never)."""
-    held = 0
-    for step, v in zip(steps, values):
-        held = held + 1 if step >= start and v > threshold else 0
-        if held >= patience:
-            return step
-    return ""
-
-
-def signal_table(*folders, fit_seeds=(0, 1, 2), horizon: int = 50) -> str:
-    """Lead time and false alarms of every candidate signal, as a markdown table.
-
-    Runs: the opd, stable-opd and sft-only runs in `folders`; a run collapses if its truncation
-    rate exceeds 0.3 (the take-off). A lead is the take-off step minus the alert's step; a false
-    alarm, an alert on a run that never takes off. Each signal's threshold is chosen on the
-    seeds in `fit_seeds` alone, among those with no false alarm and no alert more than
-    `horizon` steps ahead of a take-off (such an alert says nothing about the collapse): the
-    largest whose smallest lead is at least 10 steps (twice the 5 an alarm needs to be acted
-    on), else the one with the largest smallest lead. The other seeds are only scored.
-    """
-    runs = []
-    for d in sorted(p for f in folders for p in Path(f).glob("*-s*")):
-        method, seed = d.name.rsplit("-s", 1)
-        if method in ("opd", "stable-opd", "sft-only") and (d / "metrics.jsonl").exists():
-            rows = read_metrics(d / "metrics.jsonl")
-            tr = [r for r in rows if "rollout/trunc_rate" in r]
-            runs.append((int(seed) in fit_seeds, first_step(tr, "rollout/trunc_rate", 0.3), warning_signals(rows)))
-
-    def score(name, thr, fit):    # leads on collapsing runs (None: never fired), false alarms on quiet ones
-        leads, false = [], 0
-        for is_fit, takeoff, sig in runs:
-            if is_fit == fit:
-                fired = fire_step(sig["steps"], sig[name], thr)
-                if takeoff == "":
-                    false += fired != ""
-                else:
-                    leads.append(takeoff - fired if fired != "" else None)
-        return leads, false
-
-    lines = ["| signal | threshold (chosen on the fit seeds) | lead, fit seeds | false alarms, fit | lead, held-out seeds "
-             "| false alarms, held-out |", "|---|---|---|---|---|---|"]
-    n_quiet = {fit: sum(t == "" for f, t, _ in runs if f == fit) for fit in (True, False)}
-    for name in [k for k in runs[0][2] if k != "steps"]:
-        seen = sorted({v for f, _, sig in runs if f for v in sig[name] if math.isfinite(v)})
-        ok = []                             # (threshold, smallest lead on the fit seeds)
-        for thr in [(a + b) / 2 for a, b in zip(seen, seen[1:])][::max(1, len(seen) // 400)]:   # between values seen
-            leads, false = score(name, thr, True)
-            if false == 0 and all(x is None or x <= horizon for x in leads):
-                ok.append((thr, min((x if x is not None else -math.inf for x in leads), default=-math.inf)))
-        enough = [x for x in ok if x[1] >= 10]
-        best = enough[-1] if enough else max(ok, key=lambda x: x[1], default=None)
-        if best is None:
-            lines.append(f"| {name} | none without a false alarm | | | | |")
-            continue
-        fmt = lambda leads: ", ".join("missed" if x is None else str(x) for x in leads)
-        (lf, ff), (lh, fh) = score(name, best[0], True), score(name, best[0], False)
-        lines.append(f"| {name} | {best[0]:.3g} | {fmt(lf)} | {ff} of {n_quiet[True]} quiet | {fmt(lh)} | "
-                     f"{fh} of {n_quiet[False]} quiet |")
-    return "\n".join(lines)
-
-
 # =============================================================================
-# 4. Length inflation reproduced: rollouts, the loop, the guard
+# 4. Length inflation reproduced: rollouts, per-token terms, the loop
 # =============================================================================
+# The loop, run_opd(), is six numbered phases. It calls opd_loss() and the Guard of section 5
+# for the loss and its stabilizers; the machinery below the banner loads the models
+# (load_models_and_data, section 6), times the phases (Laps) and keeps the run's folder,
+# log and checkpoints (RunLog, section 7).
 
 # transformers renamed the KV cache's argument and output field from `past_key_values` to
 # `cache` during 5.x; reading the name off the output class runs on releases on either side
@@ -715,7 +568,7 @@ def sample_rollouts(model, prompt_ids, prompt_mask, max_new_tokens: int, eos_id:
     A row that has emitted EOS leaves the batch (and its KV cache): only live rows are computed."""
     B = prompt_ids.shape[0]
     attn = prompt_mask.clone()                                   # (b, P) b = live rows
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)                     # (b, P) left padding aware
+    pos = position_ids(attn)                                     # (b, P) left padding aware
     out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, use_cache=True)
     cache, logits = getattr(out, CACHE), out.logits[:, -1].float()   # (b, V)
     live = torch.arange(B, device=prompt_ids.device)             # (b,) batch index of each live row
@@ -750,10 +603,9 @@ def sample_rollouts(model, prompt_ids, prompt_mask, max_new_tokens: int, eos_id:
 
 def hidden_states(model, input_ids, attn):
     """Last hidden states (B, T, H) of a causal LM, without its vocabulary projection: the
-    loss projects them chunk by chunk (section 7)."""
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    loss projects them chunk by chunk (token_terms)."""
     base = getattr(model, model.base_model_prefix)
-    return base(input_ids=input_ids, attention_mask=attn, position_ids=pos).last_hidden_state
+    return base(input_ids=input_ids, attention_mask=attn, position_ids=position_ids(attn)).last_hidden_state
 
 
 def response_hidden_states(model, seq, attn, P: int, groups: int = 1):
@@ -774,219 +626,15 @@ def response_hidden_states(model, seq, attn, P: int, groups: int = 1):
     return torch.cat(parts)[order.argsort()]                                            # (B, T, H)
 
 
-def exact_match(tokenizer, ids, answer) -> bool:
-    """A response (token ids, EOS included if it stopped) equals the reference answer as text."""
-    return bool(ids) and ids[-1] == tokenizer.eos_token_id and \
-        tokenizer.decode(ids[:-1], skip_special_tokens=True).strip() == answer.strip()
-
-
-@torch.no_grad()
-def evaluate(model, tokenizer, examples, max_new_tokens: int, device="cpu", batch_size: int = 128,
-             window: int = 24, tau: float = 3.0, temperature: float = 0.0, generator=None):
-    """Held-out exact match, with the rollouts' length/truncation/repetition figures.
-    temperature 0: greedy decoding; > 0: samples at that temperature (the policy OPD trains)."""
-    was_training = model.training
-    model.eval()
-    seqs, correct = [], 0
-    eos = tokenizer.eos_token_id
-    for i in range(0, len(examples), batch_size):
-        batch = examples[i:i + batch_size]
-        ids, attn = encode_batch(tokenizer, [e["prompt"] for e in batch], device)
-        toks = sample_rollouts(model, ids, attn, max_new_tokens, eos, tokenizer.pad_token_id, temperature or 1.0,
-                               greedy=temperature == 0, generator=generator)
-        _, lengths, _ = response_mask(toks, eos)
-        for j, e in enumerate(batch):
-            seqs.append(toks[j, :lengths[j]].tolist())
-            correct += e.get("answer") is not None and exact_match(tokenizer, seqs[-1], e["answer"])
-    model.train(was_training)
-    stats = length_stats(seqs, eos, max_new_tokens, window, tau)
-    n_ref = sum(e.get("answer") is not None for e in examples)
-    return dict(stats, accuracy=correct / max(n_ref, 1))
-
-
-METRIC_KEYS = [  # documented in the tutorial, section 3; a test checks every run logs them all
-    "step", "loss/total", "loss/opd", "kl/reverse", "rollout/len_mean", "rollout/len_max", "rollout/len_p90",
-    "rollout/trunc_rate", "rollout/rep_rate", "rollout/ngram_rep", "logp/student", "logp/teacher", "adv/mean",
-    "adv/repetitive", "adv/regular", "adv/repetitive_frac", "eos/p_student", "eos/p_teacher", "eos/teacher_lower_frac", "eval/accuracy",
-    "eval/len_mean", "eval/len_max", "eval/trunc_rate", "eval/rep_rate", "eval/ngram_rep", "eval/accuracy_sampled",
-    "rollout/accuracy", "time/rollout_s",
-    "time/teacher_s", "time/update_s", "time/eval_s", "time/tokens_per_s"]
-
-
-def lr_factor(step: int, steps: int, warmup: int, decay: int) -> float:
-    """Warmup-stable-decay: linear warm-up over `warmup` steps, constant, linear decay to 0 over the last `decay`."""
-    return min(1.0, (step + 1) / max(warmup, 1), (steps - step) / max(decay, 1))
-
-
-def run_opd(cfg: Config, method: str = "opd"):
-    """One OPD run: sample, score, update, monitor; writes out_dir/<run_name>/metrics.jsonl."""
-    torch.manual_seed(cfg.seed)                                  # the one seed
-    rng = random.Random(cfg.seed)
-    gold_rng = random.Random(f"gold-{cfg.seed}")                  # own streams: every method sees the same prompts
-    torch.set_num_threads(cfg.threads)
-    device = torch.device(cfg.device)
-    eval_gen = torch.Generator(device).manual_seed(cfg.seed)
-    streams = (rng, gold_rng, eval_gen)                          # the random streams a checkpoint restores
-    student, teacher, tokenizer, data = load_models_and_data(cfg, device)
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    ref = copy.deepcopy(student).eval().requires_grad_(False) if cfg.ref_kl > 0 or cfg.guard else None
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.steps, cfg.warmup, round(cfg.decay * cfg.steps)))
-    monitor = LengthMonitor(eos, cfg.max_new_tokens, cfg.alert_max_len, cfg.alert_trunc, cfg.alert_rep,
-                            cfg.alert_growth, window=cfg.rep_window, tau=cfg.rep_tau, patience=cfg.alert_patience)
-    run_dir = Path(cfg.out_dir) / (cfg.run_name or f"{method}-s{cfg.seed}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path, ckpt_path = run_dir / "metrics.jsonl", run_dir / "checkpoint.pt"
-    start, healthy, kept = 0, None, []                           # healthy: guard's last healthy student + optimizer
-    if cfg.resume and ckpt_path.exists():
-        start, healthy = load_checkpoint(ckpt_path, cfg, student, opt, sched, streams, monitor, device)
-        kept = [r for r in read_metrics(metrics_path) if r["step"] < start] if metrics_path.exists() else []
-        print(f"[{method} s{cfg.seed}] resumed at step {start} from {ckpt_path}", flush=True)
-    elif cfg.resume:
-        print(f"[{method} s{cfg.seed}] no checkpoint at {ckpt_path}: starting at step 0", flush=True)
-    if metrics_path.exists():                                    # never lose an earlier run's log
-        metrics_path.replace(run_dir / "metrics.prev.jsonl")
-    (run_dir / "config.json").write_text(json.dumps(dict(dataclasses.asdict(cfg), method=method), indent=1))
-    log = open(metrics_path, "w")
-    log.writelines(json.dumps(r) + "\n" for r in kept)           # the steps before the checkpoint
-    eval_m, t_eval = {}, 0.0
-    try:
-        for step in range(start, cfg.steps + 1):
-            # --- held-out evaluation, greedy and sampled, before the update of this step
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                t = clock(device)
-                ev = evaluate(student, tokenizer, data["eval"], cfg.max_new_tokens, device, window=cfg.rep_window, tau=cfg.rep_tau)
-                ev["accuracy_sampled"] = evaluate(student, tokenizer, data["eval"], cfg.max_new_tokens, device,
-                                                  temperature=cfg.temperature, generator=eval_gen)["accuracy"]
-                eval_m, t_eval = {f"eval/{k}": v for k, v in ev.items()}, clock(device) - t
-            if step == cfg.steps:
-                m = {"step": step, **eval_m}
-                log.write(json.dumps(m) + "\n")
-                break
-            # --- 1. the student samples
-            t0 = clock(device)
-            batch = data["sample"](cfg.batch_size, rng)
-            p_ids, p_attn = encode_batch(tokenizer, [e["prompt"] for e in batch], device)
-            student.eval()
-            resp = sample_rollouts(student, p_ids, p_attn, cfg.max_new_tokens, eos, pad, cfg.temperature,
-                                   rep_penalty=cfg.rep_penalty)                              # (B, T)
-            student.train()
-            mask, lengths, truncated = response_mask(resp, eos)                              # (B, T)
-            seq = torch.cat([p_ids, resp], 1)                                                # (B, P+T)
-            attn = torch.cat([p_attn, mask.long()], 1)                                       # (B, P+T)
-            P = p_ids.shape[1]
-            t1 = clock(device)
-            # --- 2. the teacher scores the same tokens: one no-grad forward, after the prompt in its
-            # own chat format when the two differ (section 6); the response ids are shared
-            t_ids, t_attn = (p_ids, p_attn) if data["teacher_tok"] is None else \
-                left_pad(prompt_token_ids(data["teacher_tok"], [e["prompt"] for e in batch]), pad, device)  # (B, P_t)
-            with torch.no_grad():
-                h_t = response_hidden_states(teacher, torch.cat([t_ids, resp], 1), torch.cat([t_attn, mask.long()], 1),
-                                             t_ids.shape[1], cfg.length_groups)                    # (B, T, H_t)
-                h_ref = response_hidden_states(ref, seq, attn, P, cfg.length_groups) if cfg.ref_kl > 0 else None
-            t2 = clock(device)
-            # --- 3. the student's one forward: loss and metrics both come from it (metrics alone,
-            # with no graph, when no term of the loss needs it: the sft-only control)
-            with torch.set_grad_enabled(cfg.opd_coef > 0 or cfg.ref_kl > 0):
-                h_s = response_hidden_states(student, seq, attn, P, cfg.length_groups)        # (B, T, H_s)
-                terms = token_terms(h_s, student.get_output_embeddings(), h_t, teacher.get_output_embeddings(),
-                                    resp, eos, cfg.temperature, cfg.chunk_size, full_kl=cfg.objective == "full",
-                                    h_ref=h_ref, head_ref=ref.get_output_embeddings() if h_ref is not None else None)
-            lp_s, lp_t = terms["logp_student"], terms["logp_teacher"]                        # (B, T)
-            adv = sampled_token_advantage(lp_t, lp_s)                                        # (B, T)
-            # --- 4. stabilizers that shape the advantage or the weights (section 5)
-            adv_used = adv
-            if cfg.overlong_buffer > 0:
-                adv_used = adv_used + overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_buffer)[:, None]
-            if cfg.adv_regulation != "none":
-                adv_used = regulate_advantage(adv_used, cfg.adv_regulation, cfg.adv_clip)
-            if cfg.eos_mask:
-                adv_used = eos_advantage_mask(adv_used, resp, eos)
-            weights = truncation_weights(mask, truncated, cfg.trunc_weight)                 # (B, T)
-            if cfg.objective == "full":
-                per_token = terms["kl_full"]                                                 # (B, T)
-            else:
-                per_token = sampled_token_loss(adv_used, lp_s)                               # (B, T)
-            loss_opd = aggregate_loss(per_token, weights, cfg.loss_agg, cfg.max_new_tokens)
-            loss = cfg.opd_coef * loss_opd
-            if cfg.ref_kl > 0:
-                loss = loss + cfg.ref_kl * aggregate_loss(terms["kl_ref"], mask, cfg.loss_agg, cfg.max_new_tokens)
-            if cfg.sft_coef > 0:   # rollout mixture: B reference solutions from the fixed gold set, or the step's own
-                gold = [gold_rng.choice(data["gold"]) for _ in batch] if data["gold"] else \
-                    [e for e in batch if e.get("answer") is not None]
-                loss = loss + cfg.sft_coef * sft_nll(student, tokenizer, gold, device) if gold else loss
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"non-finite loss at step {step} ({loss.item()}). Lower --lr, check the models' "
-                    f"dtype (bf16 logits are upcast here), or try --adv-regulation clip. {metrics_path} "
-                    "holds every step logged so far; the student was not updated with this loss.")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-            opt.step()
-            sched.step()
-            t3 = clock(device)
-            # --- 5. monitor
-            seqs = [resp[i, :lengths[i]].tolist() for i in range(resp.shape[0])]
-            mon = monitor.update(seqs, step)
-            graded = [(s, e["answer"]) for s, e in zip(seqs, batch) if e.get("answer") is not None]
-            m = {"step": step, "loss/total": loss.item(), "loss/opd": loss_opd.item(),
-                 "rollout/accuracy": sum(exact_match(tokenizer, s, a) for s, a in graded) / len(graded) if graded else float("nan"),
-                 **rollout_metrics(terms, adv, mask, lengths, truncated, seqs, eos, cfg),
-                 **{f"rollout/{k}": v for k, v in mon.items() if not k.startswith("alert/") and k != "growth"},
-                 "rollout/growth": mon["growth"], **{k: v for k, v in mon.items() if k.startswith("alert/")},
-                 **eval_m, "time/rollout_s": t1 - t0, "time/teacher_s": t2 - t1, "time/update_s": t3 - t2,
-                 "time/eval_s": t_eval, "time/tokens_per_s": float(mask.sum()) / max(t1 - t0, 1e-9)}
-            eval_m, t_eval = {}, 0.0
-            # --- 6. guard: act on an alert (restore the last healthy student, switch on Stable-OPD)
-            if cfg.guard:
-                healthy, acted = guard_step(cfg, monitor, step, student, opt, healthy)
-                if acted:
-                    m["guard/acted"] = 1
-                    print(f"[guard] step {step}: restored the student of step {healthy['step']}, "
-                          f"now ref_kl={cfg.ref_kl} sft_coef={cfg.sft_coef}", flush=True)
-            log.write(json.dumps(m) + "\n")
-            log.flush()
-            if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
-                save_checkpoint(ckpt_path, step + 1, student, opt, sched, streams, monitor, healthy, cfg)
-            print(f"[{method} s{cfg.seed}] step {step:4d} loss {m['loss/total']:+.4f} kl {m['kl/reverse']:.3f} "
-                  f"len {m['rollout/len_mean']:5.1f} trunc {m['rollout/trunc_rate']:.2f} rep {m['rollout/rep_rate']:.2f} "
-                  f"adv {m['adv/mean']:+.3f}" + (f" acc {m['eval/accuracy']:.3f}" if "eval/accuracy" in m else ""), flush=True)
-            if cfg.log_samples_every and step % cfg.log_samples_every == 0:
-                for i in range(2):
-                    print(f"    {batch[i]['prompt']!r} -> {tokenizer.decode(seqs[i])!r}", flush=True)
-    finally:
-        log.close()
-    rows = read_metrics(metrics_path)
-    spent = {k: sum(r.get(f"time/{k}_s", 0.0) for r in rows) for k in ("rollout", "teacher", "update", "eval")}
-    total = sum(spent.values())
-    print(f"[{method} s{cfg.seed}] time: " + ", ".join(f"{k} {v:.1f}s ({v / max(total, 1e-9):.0%})" for k, v in spent.items()),
-          flush=True)
-    if device.type == "cuda":
-        print(f"[{method} s{cfg.seed}] peak CUDA memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB", flush=True)
-    if cfg.save_student:
-        student.save_pretrained(run_dir / "student")
-        tokenizer.save_pretrained(run_dir / "student")
-    return rows
-
-
-def clock(device) -> float:
-    """time.time() once the device has finished its queued work: CUDA runs asynchronously, so
-    without the wait a phase's time is booked to whichever later call first waits for it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.time()
-
-
 def token_terms(h_s, head_s, h_t, head_t, tokens, eos_id: int, temperature: float = 1.0, chunk: int = 0,
                 full_kl: bool = False, h_ref=None, head_ref=None) -> dict:
-    """Per-token quantities of the loss and the metrics, from hidden states (section 7).
+    """Per-token quantities of the loss and the metrics, from hidden states.
 
     Returns (B, T) tensors: logp_student (with grad unless full_kl), logp_teacher, p_eos_student,
     p_eos_teacher, and kl_full = KL(p_S || p_T) (with grad) if full_kl, kl_ref =
     KL(p_S || p_ref) (with grad) if h_ref is given. With chunk > 0 the vocabulary
     projection and log-softmax run `chunk` positions at a time and are recomputed in the
-    backward pass, so no (B, T, V) tensor is ever alive.
+    backward pass, so no (B, T, V) tensor is ever alive (section 7).
     """
     def terms(hs, ht, hr, y):
         lsm_s = F.log_softmax(head_s(hs).float() / temperature, -1)                     # (B, c, V)
@@ -1017,7 +665,43 @@ def token_terms(h_s, head_s, h_t, head_t, tokens, eos_id: int, temperature: floa
     return out
 
 
-def rollout_metrics(terms, adv, mask, lengths, truncated, seqs, eos_id, cfg) -> dict:
+def exact_match(tokenizer, ids, answer) -> bool:
+    """A response (token ids, EOS included if it stopped) equals the reference answer as text."""
+    return bool(ids) and ids[-1] == tokenizer.eos_token_id and \
+        tokenizer.decode(ids[:-1], skip_special_tokens=True).strip() == answer.strip()
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, examples, max_new_tokens: int, device="cpu", batch_size: int = 128,
+             window: int = 24, tau: float = 3.0, temperature: float = 1.0, generator=None) -> dict:
+    """Held-out exact match of greedy decoding, with its length, truncation and repetition
+    figures; with a `generator`, also `accuracy_sampled`: exact match of samples at
+    `temperature`, the policy OPD trains (drawn from that generator alone, so evaluating
+    changes no draw of training)."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    for greedy in ([True, False] if generator is not None else [True]):
+        seqs, correct = [], 0
+        for i in range(0, len(examples), batch_size):
+            batch = examples[i:i + batch_size]
+            ids, attn = encode_batch(tokenizer, [e["prompt"] for e in batch], device)
+            toks = sample_rollouts(model, ids, attn, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                   temperature, greedy=greedy, generator=generator)                  # (b, T)
+            _, lengths, _ = response_mask(toks, tokenizer.eos_token_id)
+            for j, e in enumerate(batch):
+                seqs.append(toks[j, :lengths[j]].tolist())
+                correct += e.get("answer") is not None and exact_match(tokenizer, seqs[-1], e["answer"])
+        accuracy = correct / max(sum(e.get("answer") is not None for e in examples), 1)
+        if greedy:
+            out = dict(length_stats(seqs, tokenizer.eos_token_id, max_new_tokens, window, tau), accuracy=accuracy)
+        else:
+            out["accuracy_sampled"] = accuracy
+    model.train(was_training)
+    return out
+
+
+def rollout_metrics(terms, mask, lengths, truncated, seqs, eos_id, cfg) -> dict:
     """The paper's per-step figures from tensors the step already has (no extra forward)."""
     n = mask.sum().clamp(min=1)
     B, T = mask.shape
@@ -1035,90 +719,130 @@ def rollout_metrics(terms, adv, mask, lengths, truncated, seqs, eos_id, cfg) -> 
     avg = lambda x, m: (x * m).sum().item() / m.sum().item() if m.sum() > 0 else float("nan")
     with torch.no_grad():
         lp_s, lp_t = terms["logp_student"].detach(), terms["logp_teacher"]
+        adv = sampled_token_advantage(lp_t, lp_s)                # (B, T) before any stabilizer
         kl_tok = terms["kl_full"].detach() if cfg.objective == "full" else -adv  # per-token reverse KL (estimate)
+        p_s, p_t = terms["p_eos_student"][idx, last], terms["p_eos_teacher"][idx, last]     # (B,) at the stop
         return {
             "kl/reverse": avg(kl_tok, mask),
             "logp/student": avg(lp_s, mask), "logp/teacher": avg(lp_t, mask), "adv/mean": avg(adv, mask),
             "adv/repetitive": avg(adv, rep_tok), "adv/regular": avg(adv, reg_tok),
             "adv/repetitive_frac": (rep_tok.sum() / n).item(),
-            "eos/p_student": terms["p_eos_student"][idx, last][stopped].mean().item() if stopped.any() else float("nan"),
-            "eos/p_teacher": terms["p_eos_teacher"][idx, last][stopped].mean().item() if stopped.any() else float("nan"),
-            "eos/teacher_lower_frac": (terms["p_eos_teacher"][idx, last] < terms["p_eos_student"][idx, last])[stopped]
-                                      .float().mean().item() if stopped.any() else float("nan"),
+            "eos/p_student": p_s[stopped].mean().item() if stopped.any() else float("nan"),
+            "eos/p_teacher": p_t[stopped].mean().item() if stopped.any() else float("nan"),
+            "eos/teacher_lower_frac": (p_t < p_s)[stopped].float().mean().item() if stopped.any() else float("nan"),
             **({"kl/ref": avg(terms["kl_ref"].detach(), mask)} if "kl_ref" in terms else {}),
         }
 
 
-def guard_step(cfg, monitor, step, student, opt, healthy):
-    """Keep a copy of the student every 5 steps while no alert is active; at the first alert,
-    restore the last quiet copy and switch on Stable-OPD (reference KL + rollout mixture).
-    Acts once: after that Stable-OPD is on and the alerts are only reported."""
-    if not monitor.active:
-        if step % 5 == 0 and not (healthy or {}).get("acted"):
-            healthy = {"step": step, "model": copy.deepcopy(student.state_dict()), "opt": copy.deepcopy(opt.state_dict())}
-        return healthy, False
-    if healthy is None or healthy.get("acted"):
-        return healthy, False
-    student.load_state_dict(healthy["model"])
-    opt.load_state_dict(healthy["opt"])
-    cfg.ref_kl = max(cfg.ref_kl, STABLE_OPD["ref_kl"])
-    cfg.sft_coef = max(cfg.sft_coef, STABLE_OPD["sft_coef"])
-    healthy["acted"] = True
-    return healthy, True
+METRIC_KEYS = [  # documented in the tutorial, section 3; a test checks every run logs them all
+    "step", "loss/total", "loss/opd", "kl/reverse", "rollout/len_mean", "rollout/len_max", "rollout/len_p90",
+    "rollout/trunc_rate", "rollout/rep_rate", "rollout/ngram_rep", "logp/student", "logp/teacher", "adv/mean",
+    "adv/repetitive", "adv/regular", "adv/repetitive_frac", "eos/p_student", "eos/p_teacher", "eos/teacher_lower_frac",
+    "eval/accuracy", "eval/len_mean", "eval/len_max", "eval/trunc_rate", "eval/rep_rate", "eval/ngram_rep",
+    "eval/accuracy_sampled", "rollout/accuracy", "time/rollout_s", "time/teacher_s", "time/update_s", "time/eval_s",
+    "time/tokens_per_s"]
 
 
-def save_checkpoint(path: Path, step: int, student, opt, sched, streams, monitor, healthy, cfg: Config):
-    """Everything the loop needs to go on as if it had never stopped: `step` is the next step to
-    run. Written to a temporary file and renamed over the last checkpoint (an atomic replace),
-    so a kill mid-write leaves the previous one usable."""
-    state = {"step": step, "config": dataclasses.asdict(cfg), "student": student.state_dict(), "opt": opt.state_dict(),
-             "sched": sched.state_dict(), "torch_rng": torch.get_rng_state(),
-             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-             "streams": [r.getstate() if isinstance(r, random.Random) else r.get_state() for r in streams],
-             "monitor": vars(monitor), "guard": healthy}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+def lr_factor(step: int, steps: int, warmup: int, decay: float) -> float:
+    """Warmup-stable-decay: linear warm-up over `warmup` steps, constant, then a linear decay to 0
+    over the last `decay` share of the steps."""
+    return min(1.0, (step + 1) / max(warmup, 1), (steps - step) / max(round(decay * steps), 1))
 
 
-RESUME_MAY_CHANGE = {"steps", "resume", "save_every", "workers", "threads", "device", "log_samples_every", "methods",
-                     "seeds", "out_dir", "plots_dir", "cache_dir", "run_name", "save_student"}
-
-
-def load_checkpoint(path: Path, cfg: Config, student, opt, sched, streams, monitor, device) -> tuple[int, dict | None]:
-    """Restore what save_checkpoint wrote, in place; returns (next step, guard state). Refuses a
-    checkpoint written with other settings, which would splice two different runs together."""
-    ck = torch.load(path, map_location=device, weights_only=False)     # this file's own pickle: RNG and monitor state
-    free = RESUME_MAY_CHANGE | ({"ref_kl", "sft_coef"} if cfg.guard else set())    # the guard raises them mid-run
-    changed = [f"--{k.replace('_', '-')} {v}" for k, v in ck["config"].items() if k not in free and getattr(cfg, k, v) != v]
-    if changed:
-        raise SystemExit(f"error: {path} was written with {', '.join(changed)}; resume with the same flags, or drop --resume "
-                         "to start over")
-    if ck["step"] > cfg.steps:
-        raise SystemExit(f"error: {path} is at step {ck['step']}, past --steps {cfg.steps}")
-    student.load_state_dict(ck["student"])
-    opt.load_state_dict(ck["opt"])
-    sched.load_state_dict(ck["sched"])
-    torch.set_rng_state(ck["torch_rng"].cpu())
-    if ck["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in ck["cuda_rng"]])
-    for r, state in zip(streams, ck["streams"]):                 # a torch generator's state is a CPU tensor, CUDA too
-        r.setstate(state) if isinstance(r, random.Random) else r.set_state(state.cpu())
-    monitor.__dict__.update(ck["monitor"])
-    cfg.ref_kl, cfg.sft_coef = ck["config"]["ref_kl"], ck["config"]["sft_coef"]
-    return ck["step"], ck["guard"]
-
-
-def read_metrics(path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def run_opd(cfg: Config, method: str = "opd"):
+    """One OPD run: sample, score, update, monitor; writes out_dir/<run_name>/metrics.jsonl."""
+    torch.manual_seed(cfg.seed)                                  # the one seed
+    rng, gold_rng = random.Random(cfg.seed), random.Random(f"gold-{cfg.seed}")   # own streams: every method sees the same prompts
+    torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device)
+    eval_gen = torch.Generator(device).manual_seed(cfg.seed)     # sampled evaluation draws from this alone
+    student, teacher, tokenizer, data = load_models_and_data(cfg, device)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    ref = copy.deepcopy(student).eval().requires_grad_(False) if cfg.ref_kl > 0 or cfg.guard else None   # p_ref
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.steps, cfg.warmup, cfg.decay))
+    monitor = LengthMonitor(eos, cfg.max_new_tokens, cfg.alert_max_len, cfg.alert_trunc, cfg.alert_rep,
+                            cfg.alert_growth, window=cfg.rep_window, tau=cfg.rep_tau, patience=cfg.alert_patience)
+    guard = Guard() if cfg.guard else None
+    loss_kw = loss_settings(cfg)                                 # what opd_loss() computes; only the guard changes it
+    run = RunLog(cfg, method, student=student, opt=opt, sched=sched, streams=(rng, gold_rng, eval_gen),
+                 monitor=monitor, guard=guard, loss_kw=loss_kw)
+    held_out = lambda: {f"eval/{k}": v for k, v in evaluate(
+        student, tokenizer, data["eval"], cfg.max_new_tokens, device, window=cfg.rep_window, tau=cfg.rep_tau,
+        temperature=cfg.temperature, generator=eval_gen).items()}
+    for step in range(run.start, cfg.steps):
+        lap, m = Laps(device), {"step": step}
+        if step % cfg.eval_every == 0:                           # held-out evaluation, before this step's update
+            m.update(held_out())
+            lap("eval")
+        # --- 1. the student samples one response per prompt, at the loss temperature
+        batch = data["sample"](cfg.batch_size, rng)
+        p_ids, p_attn = encode_batch(tokenizer, [e["prompt"] for e in batch], device)          # (B, P)
+        resp = sample_rollouts(student.eval(), p_ids, p_attn, cfg.max_new_tokens, eos, pad, cfg.temperature,
+                               rep_penalty=cfg.rep_penalty)                                       # (B, T)
+        student.train()
+        mask, lengths, truncated = response_mask(resp, eos)                                     # (B, T), (B,), (B,)
+        P, seq, attn = p_ids.shape[1], torch.cat([p_ids, resp], 1), torch.cat([p_attn, mask.long()], 1)  # (B, P+T)
+        lap("rollout")
+        # --- 2. the teacher scores the same tokens, after the prompt in its own chat format when
+        # the two differ (section 6; the response ids are shared); the reference model too, if on
+        t_ids, t_attn = (p_ids, p_attn) if data["teacher_tok"] is None else \
+            left_pad(prompt_token_ids(data["teacher_tok"], [e["prompt"] for e in batch]), pad, device)   # (B, P_t)
+        with torch.no_grad():
+            h_t = response_hidden_states(teacher, torch.cat([t_ids, resp], 1), torch.cat([t_attn, mask.long()], 1),
+                                         t_ids.shape[1], cfg.length_groups)                       # (B, T, H_t)
+            h_ref = response_hidden_states(ref, seq, attn, P, cfg.length_groups) if loss_kw["ref_kl"] > 0 else None
+        lap("teacher")
+        # --- 3. the student's one forward: loss and metrics both come from it (metrics alone,
+        # with no graph, when no loss term needs it: the sft-only control)
+        with torch.set_grad_enabled(loss_kw["opd_coef"] > 0 or loss_kw["ref_kl"] > 0):
+            h_s = response_hidden_states(student, seq, attn, P, cfg.length_groups)            # (B, T, H_s)
+            terms = token_terms(h_s, student.get_output_embeddings(), h_t, teacher.get_output_embeddings(), resp,
+                                eos, cfg.temperature, cfg.chunk_size, full_kl=cfg.objective == "full", h_ref=h_ref,
+                                head_ref=ref.get_output_embeddings() if h_ref is not None else None)  # (B, T) each
+        # --- 4. the loss: the objective with every stabilizer that is on (section 5); the rollout
+        # mixture's references come from the fixed gold set, or are the step's own answers
+        gold = ([gold_rng.choice(data["gold"]) for _ in batch] if data["gold"] else
+                [e for e in batch if e.get("answer") is not None]) if loss_kw["sft_coef"] > 0 else []
+        loss, parts = opd_loss(terms["logp_student"], terms["logp_teacher"], resp, eos, kl_full=terms["kl_full"],
+                               kl_ref=terms.get("kl_ref"), sft=sft_nll(student, tokenizer, gold, device) if gold else None,
+                               **loss_kw)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite loss at step {step} ({loss.item()}). Lower --lr, check the models' dtype (bf16 logits "
+                f"are upcast here), or try --adv-regulation clip. {run.dir / 'metrics.jsonl'} holds every step "
+                "logged so far; the student was not updated with this loss.")
+        # --- 5. one AdamW step
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        lap("update")
+        # --- 6. the monitor reads the rollouts; the guard acts on its first alert
+        seqs = [resp[i, :lengths[i]].tolist() for i in range(resp.shape[0])]
+        graded = [(s, e["answer"]) for s, e in zip(seqs, batch) if e.get("answer") is not None]
+        m.update({"loss/total": loss.item(), "loss/opd": parts["opd"].item(),
+                  "rollout/accuracy": sum(exact_match(tokenizer, s, a) for s, a in graded) / len(graded) if graded else math.nan,
+                  **rollout_metrics(terms, mask, lengths, truncated, seqs, eos, cfg),
+                  **{k if k.startswith("alert/") else f"rollout/{k}": v for k, v in monitor.update(seqs, step).items()},
+                  **{f"time/{k}_s": v for k, v in lap.times.items()},
+                  "time/tokens_per_s": float(mask.sum()) / max(lap.times["rollout"], 1e-9)})
+        if guard and (changes := guard.step(monitor, step, student, opt, loss_kw)):
+            loss_kw.update(changes)
+            m["guard/acted"] = 1
+            print(f"[guard] step {step}: restored the student of step {guard.saved['step']}, now {changes}", flush=True)
+        run.log(m, [(e["prompt"], tokenizer.decode(s)) for e, s in zip(batch[:2], seqs)])
+    run.log({"step": cfg.steps, **held_out()})                   # the final evaluation
+    return run.close(student, tokenizer)
 
 
 # =============================================================================
 # 5. Stabilizers
 # =============================================================================
-# Each is one term or one transformation of the advantage; all compose. Coefficients in
-# STABLE_OPD and METHODS were chosen by measurement (see the tutorial, section 5).
+# Each is one term of the loss or one transformation of the advantage, and all compose in
+# opd_loss(): the function to copy into another training loop. The Guard switches Stable-OPD
+# on mid-run when the monitor raises an alert.
 
 def reference_kl(logp_student, logp_ref):
     """KL(p_S || p_ref) per position, p_ref the frozen initial student (Stable-OPD's
@@ -1153,27 +877,84 @@ def truncation_weights(mask, truncated, weight: float):
     return mask * torch.where(truncated, weight, 1.0)[:, None]
 
 
+def opd_loss(logp_student, logp_teacher, tokens, eos_id: int, *, kl_full=None, kl_ref=None, sft=None,
+             objective="sampled", loss_agg="token-mean", max_len=None, opd_coef=1.0, ref_kl=0.0, sft_coef=0.0,
+             trunc_weight=1.0, overlong_buffer=0, adv_regulation="none", adv_clip=1.0, eos_mask=False):
+    """The whole loss of one batch of rollouts: the OPD objective of section 1 with every
+    stabilizer that is on. The defaults are plain sampled-token OPD.
+
+    Inputs, (B, T) over the response tokens: logp_student (with grad) and logp_teacher of the
+    sampled `tokens`; the mask is every token up to the first `eos_id` (response_mask).
+    kl_full: KL(p_S || p_T) per position, with grad, for objective='full'; kl_ref: KL(p_S || p_ref)
+    per position, for ref_kl > 0; sft: the NLL of a batch of reference solutions (a scalar, with
+    grad), for sft_coef > 0. max_len: the length budget (overlong penalty, seq-mean-token-sum-norm).
+    Returns (loss, parts), parts holding each term before its coefficient.
+    """
+    mask, lengths, truncated = response_mask(tokens, eos_id)                 # (B, T), (B,), (B,)
+    adv = sampled_token_advantage(logp_teacher, logp_student)                # (B, T)
+    if overlong_buffer > 0:
+        adv = adv + overlong_penalty(lengths, max_len, overlong_buffer)[:, None]
+    if adv_regulation != "none":
+        adv = regulate_advantage(adv, adv_regulation, adv_clip)
+    if eos_mask:
+        adv = eos_advantage_mask(adv, tokens, eos_id)
+    per_token = kl_full if objective == "full" else sampled_token_loss(adv, logp_student)   # (B, T)
+    parts = {"opd": aggregate_loss(per_token, truncation_weights(mask, truncated, trunc_weight), loss_agg, max_len)}
+    loss = opd_coef * parts["opd"]
+    if ref_kl > 0:                                               # Stable-OPD's divergence constraint
+        parts["ref_kl"] = aggregate_loss(kl_ref, mask, loss_agg, max_len)
+        loss = loss + ref_kl * parts["ref_kl"]
+    if sft_coef > 0 and sft is not None:                         # Stable-OPD's rollout mixture
+        parts["sft"] = sft
+        loss = loss + sft_coef * sft
+    return loss, parts
+
+
+def loss_settings(cfg: Config) -> dict:
+    """opd_loss()'s keyword settings from the flags: the objective and every stabilizer."""
+    return dict(objective=cfg.objective, loss_agg=cfg.loss_agg, max_len=cfg.max_new_tokens, opd_coef=cfg.opd_coef,
+                ref_kl=cfg.ref_kl, sft_coef=cfg.sft_coef, trunc_weight=cfg.trunc_weight,
+                overlong_buffer=cfg.overlong_buffer, adv_regulation=cfg.adv_regulation, adv_clip=cfg.adv_clip,
+                eos_mask=cfg.eos_mask)
+
+
 # Stable-OPD = reference KL + rollout mixture distillation (Luo et al. 2026, Sec. 4). The
-# paper gives no coefficients. sft_coef 2.0 was the smallest that held every seed of an earlier
-# pair (0.5 let 1 of 3 inflate); ref_kl 0.01 as third-party Stable-OPD adapters use: at 0.1 the
-# KL to the weak initial student held the final accuracy back (0.82 against 0.89, seed 1).
+# paper gives no coefficients; ref_kl 0.01 is what third-party Stable-OPD adapters use, and
+# sft_coef was chosen by measurement (tutorial, section 5).
 STABLE_OPD = {"ref_kl": 0.01, "sft_coef": 2.0}
 
-METHODS = {                       # preset -> Config overrides, applied on top of the flags
-    "opd": {},
-    "sft-only": {"opd_coef": 0.0, "sft_coef": STABLE_OPD["sft_coef"]},   # the control: the mixture's NLL alone
-    "stable-opd": dict(STABLE_OPD),
-    "ref-kl": {"ref_kl": STABLE_OPD["ref_kl"]},
-    "mixture": {"sft_coef": STABLE_OPD["sft_coef"]},
-    "drop-trunc": {"trunc_weight": 0.0},
-    "overlong": {"overlong_buffer": 12},          # last quarter of the 48-token budget
-    "adv-log": {"adv_regulation": "log"},
-    "adv-clip": {"adv_regulation": "clip"},
-    "eos-mask": {"eos_mask": True},
-    "rep-penalty": {"rep_penalty": 1.3},          # CTRL's 1.2-1.3 range
-    "opd+guard": {"guard": True},
-    "full-vocab": {"objective": "full"},
-}
+
+class Guard:
+    """Acts once, on the monitor's first alert: restores the last quiet student (a copy of the
+    student and optimizer every `every` steps while no alert is active) and returns the
+    opd_loss() settings that switch Stable-OPD on. After that the alerts are only reported."""
+
+    def __init__(self, every: int = 5):
+        self.every, self.saved, self.acted = every, None, False
+
+    def step(self, monitor: LengthMonitor, step: int, student, opt, loss_kw: dict) -> dict:
+        """The settings to change in loss_kw: {} until the guard acts."""
+        if self.acted:
+            return {}
+        if not monitor.active:
+            if step % self.every == 0:
+                self.saved = {"step": step, "model": copy.deepcopy(student.state_dict()),
+                              "opt": copy.deepcopy(opt.state_dict())}
+            return {}
+        if self.saved is None:
+            return {}
+        student.load_state_dict(self.saved["model"])
+        opt.load_state_dict(self.saved["opt"])
+        self.acted = True
+        return {k: max(loss_kw[k], v) for k, v in STABLE_OPD.items()}
+
+
+# #############################################################################
+#   OPD ends here. Below: the machinery around it. Real models and the checks
+#   before step 0, timing, run folders, checkpoint and resume, the study with
+#   its presets, table, warning signals and figures, and the command line.
+#   The loop above uses three of its pieces: load_models_and_data, Laps, RunLog.
+# #############################################################################
 
 
 # =============================================================================
@@ -1327,11 +1108,30 @@ def load_models_and_data(cfg: Config, device):
 
 
 # =============================================================================
-# 7. Scaling up: memory that does not grow with T x V
+# 7. Scaling up: timing, memory, run folders, checkpoint and resume
 # =============================================================================
 # token_terms (section 4) projects hidden states to the vocabulary `chunk_size` positions at
 # a time under activation checkpointing: peak memory O(B * chunk * V) instead of O(B * T * V).
 # With a 152k vocabulary, B=4 and T=1024 the unchunked float32 log-softmax alone is 2.5 GB.
+
+def clock(device) -> float:
+    """time.time() once the device has finished its queued work: CUDA runs asynchronously, so
+    without the wait a phase's time is booked to whichever later call first waits for it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.time()
+
+
+class Laps:
+    """Seconds per phase of one step: lap(name) books the time since the previous lap to `name`."""
+
+    def __init__(self, device):
+        self.device, self.times, self.last = device, {}, clock(device)
+
+    def __call__(self, name: str):
+        now = clock(self.device)
+        self.times[name], self.last = now - self.last, now
+
 
 def loss_peak_memory(vocab=152_000, batch=4, length=1024, hidden=256, chunk=0, full_kl=True) -> dict:
     """Peak CPU memory (MB) of one loss + backward on random hidden states (tutorial, section 7)."""
@@ -1349,15 +1149,214 @@ def loss_peak_memory(vocab=152_000, batch=4, length=1024, hidden=256, chunk=0, f
             "loss": float(out[2])}
 
 
+def read_metrics(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class RunLog:
+    """A run's folder, out_dir/<run_name>: config.json, metrics.jsonl (one JSON object per step,
+    written as it goes) and checkpoint.pt (every --save-every steps). An earlier run's log is
+    kept as metrics.prev.jsonl. With --resume, `state` (the objects a checkpoint holds: student,
+    opt, sched, streams, monitor, guard, loss_kw) is restored in place, the steps before the
+    checkpoint are kept, and `start` is the step to go on from."""
+
+    def __init__(self, cfg: Config, method: str, **state):
+        self.cfg, self.state, self.tag = cfg, state, f"[{method} s{cfg.seed}]"
+        self.dir = Path(cfg.out_dir) / (cfg.run_name or f"{method}-s{cfg.seed}")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        metrics, self.ckpt = self.dir / "metrics.jsonl", self.dir / "checkpoint.pt"
+        self.start, kept = 0, []
+        if cfg.resume and self.ckpt.exists():
+            self.start = load_checkpoint(self.ckpt, cfg, **state)
+            kept = [r for r in read_metrics(metrics) if r["step"] < self.start] if metrics.exists() else []
+            print(f"{self.tag} resumed at step {self.start} from {self.ckpt}", flush=True)
+        elif cfg.resume:
+            print(f"{self.tag} no checkpoint at {self.ckpt}: starting at step 0", flush=True)
+        if metrics.exists():                                     # never lose an earlier run's log
+            metrics.replace(self.dir / "metrics.prev.jsonl")
+        (self.dir / "config.json").write_text(json.dumps(dict(dataclasses.asdict(cfg), method=method), indent=1))
+        self.file = open(metrics, "w", buffering=1)              # line-buffered: a crash keeps every logged step
+        self.file.writelines(json.dumps(r) + "\n" for r in kept)
+
+    def log(self, m: dict, samples=()):
+        """Write one step's metrics, checkpoint when due, print the step's line (and `samples`)."""
+        self.file.write(json.dumps(m) + "\n")
+        step, cfg = m["step"], self.cfg
+        if "loss/total" not in m:                                # the final evaluation
+            print(f"{self.tag} step {step:4d} final: acc {m['eval/accuracy']:.3f} (sampled {m['eval/accuracy_sampled']:.3f})",
+                  flush=True)
+            return
+        if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
+            save_checkpoint(self.ckpt, step + 1, cfg, **self.state)
+        print(f"{self.tag} step {step:4d} loss {m['loss/total']:+.4f} kl {m['kl/reverse']:.3f} "
+              f"len {m['rollout/len_mean']:5.1f} trunc {m['rollout/trunc_rate']:.2f} rep {m['rollout/rep_rate']:.2f} "
+              f"adv {m['adv/mean']:+.3f}" + (f" acc {m['eval/accuracy']:.3f}" if "eval/accuracy" in m else ""), flush=True)
+        if cfg.log_samples_every and step % cfg.log_samples_every == 0:
+            for prompt, text in samples:
+                print(f"    {prompt!r} -> {text!r}", flush=True)
+
+    def close(self, student, tokenizer) -> list[dict]:
+        """Close the log, print where the time went, save the student if asked; returns every step's metrics."""
+        self.file.close()
+        rows = read_metrics(self.dir / "metrics.jsonl")
+        spent = {k: sum(r.get(f"time/{k}_s", 0.0) for r in rows) for k in ("rollout", "teacher", "update", "eval")}
+        total = max(sum(spent.values()), 1e-9)
+        print(f"{self.tag} time: " + ", ".join(f"{k} {v:.1f}s ({v / total:.0%})" for k, v in spent.items()), flush=True)
+        if self.cfg.device.startswith("cuda"):
+            print(f"{self.tag} peak CUDA memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", flush=True)
+        if self.cfg.save_student:
+            student.save_pretrained(self.dir / "student")
+            tokenizer.save_pretrained(self.dir / "student")
+        return rows
+
+
+def save_checkpoint(path: Path, step: int, cfg: Config, student, opt, sched, streams, monitor, guard, loss_kw):
+    """Everything the loop needs to go on as if it had never stopped: `step` is the next step to
+    run. Written to a temporary file and renamed over the last checkpoint (an atomic replace),
+    so a kill mid-write leaves the previous one usable."""
+    state = {"step": step, "config": dataclasses.asdict(cfg), "student": student.state_dict(), "opt": opt.state_dict(),
+             "sched": sched.state_dict(), "torch_rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+             "streams": [r.getstate() if isinstance(r, random.Random) else r.get_state() for r in streams],
+             "monitor": vars(monitor), "guard": vars(guard) if guard else None, "loss_kw": dict(loss_kw)}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+# flags that may differ between a checkpoint and the command that resumes it: those that change
+# no number, and those that say where and how long a run goes on
+RESUME_MAY_CHANGE = {"steps", "methods", "seeds", "run_name", "threads", "device"}
+
+
+def load_checkpoint(path: Path, cfg: Config, student, opt, sched, streams, monitor, guard, loss_kw) -> int:
+    """Restore what save_checkpoint wrote, in place; returns the next step. Refuses a checkpoint
+    written with other settings, which would splice two different runs together."""
+    ck = torch.load(path, map_location=cfg.device, weights_only=False)   # this file's own pickle: RNG, monitor state
+    free = RESUME_MAY_CHANGE | {f.name for f in dataclasses.fields(Config) if f.metadata["neutral"]}
+    changed = [f"--{k.replace('_', '-')} {v}" for k, v in ck["config"].items() if k not in free and getattr(cfg, k, v) != v]
+    if changed:
+        raise SystemExit(f"error: {path} was written with {', '.join(changed)}; resume with the same flags, or drop --resume "
+                         "to start over")
+    if ck["step"] > cfg.steps:
+        raise SystemExit(f"error: {path} is at step {ck['step']}, past --steps {cfg.steps}")
+    student.load_state_dict(ck["student"])
+    opt.load_state_dict(ck["opt"])
+    sched.load_state_dict(ck["sched"])
+    torch.set_rng_state(ck["torch_rng"].cpu())
+    if ck["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in ck["cuda_rng"]])
+    for r, state in zip(streams, ck["streams"]):                 # a torch generator's state is a CPU tensor, CUDA too
+        r.setstate(state) if isinstance(r, random.Random) else r.set_state(state.cpu())
+    monitor.__dict__.update(ck["monitor"])
+    if guard and ck["guard"]:
+        guard.__dict__.update(ck["guard"])
+    loss_kw.update(ck["loss_kw"])
+    return ck["step"]
+
+
 # =============================================================================
-# 8. Study and exercises: methods x seeds, the table and the plots
+# 8. Study and exercises: presets, flags, the study, its table, signals and figures
 # =============================================================================
 
-def config_for(base: Config, method: str, seed: int) -> Config:
-    cfg = dataclasses.replace(base, seed=seed, run_name=base.run_name if base.seeds == 1 and base.run_name else "")
-    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
-    for k, v in METHODS[method].items():          # a flag the user set wins over the preset
-        if getattr(base, k) == defaults[k]:
+METHODS = {                       # preset -> Config overrides; a flag given on the command line wins
+    "opd": {},
+    "sft-only": {"opd_coef": 0.0, "sft_coef": STABLE_OPD["sft_coef"]},   # the control: the mixture's NLL alone
+    "stable-opd": dict(STABLE_OPD),
+    "ref-kl": {"ref_kl": STABLE_OPD["ref_kl"]},
+    "mixture": {"sft_coef": STABLE_OPD["sft_coef"]},
+    "drop-trunc": {"trunc_weight": 0.0},
+    "overlong": {"overlong_buffer": 12},          # last quarter of the 48-token budget
+    "adv-log": {"adv_regulation": "log"},
+    "adv-clip": {"adv_regulation": "clip"},
+    "eos-mask": {"eos_mask": True},
+    "rep-penalty": {"rep_penalty": 1.3},          # CTRL's 1.2-1.3 range
+    "opd+guard": {"guard": True},
+    "full-vocab": {"objective": "full"},
+}
+
+
+def parse_methods(methods: str) -> list[str]:
+    """--methods as a list of preset names ('all': every preset)."""
+    return list(METHODS) if methods == "all" else [m.strip() for m in methods.split(",") if m.strip()]
+
+
+def validate_config(cfg: Config) -> None:
+    """Every flag's allowed values and combinations, in one place, checked before anything is
+    built or loaded. A bad value prints one line naming the flag, the value and what is
+    allowed, and exits with code 2 (argparse's code for a usage error); warnings go on."""
+    methods = parse_methods(cfg.methods)
+    floats = [f.name for f in dataclasses.fields(Config) if f.type in ("float", float)]
+    rules = [  # (field, holds, what is allowed)
+        *[(name, math.isfinite(getattr(cfg, name)), "a finite number") for name in floats],
+        ("methods", bool(methods) and all(m in METHODS for m in methods), "'all' or a comma-separated list of " + ", ".join(METHODS)),
+        ("seeds", cfg.seeds >= 1, ">= 1"),
+        ("seed", cfg.seed >= 0, ">= 0"),
+        ("run_name", not cfg.run_name or len(methods) * cfg.seeds == 1,
+         f"empty for a command that makes {len(methods) * cfg.seeds} runs (--methods x --seeds): each run needs a folder of its own"),
+        ("device", re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device) is not None, "'cpu', 'cuda' or 'cuda:N'"),
+        ("device", cfg.device == "cpu" or torch.cuda.is_available(), "'cpu' on this machine: no CUDA device is visible"),
+        ("workers", cfg.workers >= 0, ">= 0 (0: one per CPU core)"),
+        ("threads", cfg.threads >= 1, ">= 1"),
+        ("teacher" if cfg.teacher else "student", bool(cfg.teacher) == bool(cfg.student),
+         f"given together with --{'student' if cfg.teacher else 'teacher'}, or neither (the default pair)"),
+        *[(f"{role}_{k}", getattr(cfg, f"{role}_{k}") >= 1, ">= 1") for role in ("teacher", "student") for k in ("layers", "steps")],
+        *[(f"{role}_width", getattr(cfg, f"{role}_width") >= 4 and getattr(cfg, f"{role}_width") % 4 == 0,
+           "a positive multiple of 4 (the default pair has 4 attention heads)") for role in ("teacher", "student")],
+        *[(f"{role}_free_frac", 0 <= getattr(cfg, f"{role}_free_frac") <= 1, "between 0 and 1") for role in ("teacher", "student")],
+        ("teacher_overrun_frac", 0 <= cfg.teacher_overrun_frac <= 1 - cfg.teacher_free_frac,
+         f"between 0 and 1 - --teacher-free-frac ({1 - cfg.teacher_free_frac:g})"),
+        ("gold_size", cfg.gold_size >= 0, ">= 0 (0: every prompt's own answer)"),
+        ("pretrain_lr", cfg.pretrain_lr > 0, "> 0"),
+        ("steps", cfg.steps >= 1, ">= 1"),
+        ("batch_size", cfg.batch_size >= 1, ">= 1"),
+        ("lr", cfg.lr > 0, "> 0"),
+        ("temperature", cfg.temperature > 0, "> 0 (sampling divides the logits by it)"),
+        ("max_new_tokens", cfg.max_new_tokens >= 1, "at least 1"),
+        ("objective", cfg.objective in ("sampled", "full"), "'sampled' or 'full'"),
+        ("loss_agg", cfg.loss_agg in LOSS_AGG, "one of " + ", ".join(LOSS_AGG)),
+        ("warmup", cfg.warmup >= 0, ">= 0"),
+        ("decay", 0 <= cfg.decay <= 1, "between 0 and 1"),
+        ("grad_clip", cfg.grad_clip > 0, "> 0"),
+        ("chunk_size", cfg.chunk_size >= 0, ">= 0 (0: all positions at once)"),
+        ("length_groups", cfg.length_groups >= 1, ">= 1"),
+        ("opd_coef", cfg.opd_coef >= 0, ">= 0"),
+        ("opd_coef", cfg.opd_coef > 0 or cfg.sft_coef > 0, "> 0 unless --sft-coef is (otherwise nothing is trained)"),
+        ("ref_kl", cfg.ref_kl >= 0, ">= 0"),
+        ("sft_coef", cfg.sft_coef >= 0, ">= 0"),
+        ("trunc_weight", 0 <= cfg.trunc_weight <= 1, "between 0 and 1"),
+        ("overlong_buffer", 0 <= cfg.overlong_buffer <= cfg.max_new_tokens, f"between 0 and --max-new-tokens ({cfg.max_new_tokens})"),
+        ("adv_regulation", cfg.adv_regulation in ("none", "log", "clip"), "'none', 'log' or 'clip'"),
+        ("adv_clip", cfg.adv_clip > 0, "> 0"),
+        ("rep_penalty", cfg.rep_penalty > 0, "> 0 (1: off)"),
+        ("rep_window", cfg.rep_window >= 1, ">= 1"),
+        ("rep_tau", cfg.rep_tau > 0, "> 0"),
+        ("alert_max_len", cfg.alert_max_len >= 0, ">= 0 (0: off)"),
+        ("alert_trunc", 0 <= cfg.alert_trunc <= 1, "between 0 and 1"),
+        ("alert_rep", 0 <= cfg.alert_rep <= 1, "between 0 and 1"),
+        ("alert_growth", cfg.alert_growth > 0, "> 0"),
+        ("alert_patience", cfg.alert_patience >= 1, ">= 1"),
+        ("eval_every", cfg.eval_every >= 1, ">= 1"),
+        ("eval_size", cfg.eval_size >= 1, ">= 1"),
+        ("log_samples_every", cfg.log_samples_every >= 0, ">= 0 (0: off)"),
+        ("save_every", cfg.save_every >= 0, ">= 0 (0: off)"),
+    ]
+    for name, holds, allowed in rules:
+        if not holds:
+            print(f"error: --{name.replace('_', '-')} must be {allowed} (got {getattr(cfg, name)!r})", file=sys.stderr)
+            sys.exit(2)
+    if cfg.objective == "full" and (cfg.overlong_buffer or cfg.adv_regulation != "none" or cfg.eos_mask):
+        print("[check] warning: --overlong-buffer, --adv-regulation and --eos-mask shape the sampled-token "
+              "advantage; with --objective full they have no effect", flush=True)
+
+
+def config_for(base: Config, method: str, seed: int, given=frozenset()) -> Config:
+    """The config of one run: `base` with the preset's settings, except for the flags in `given`
+    (those set on the command line), which win: --methods stable-opd --sft-coef 1.0."""
+    cfg = dataclasses.replace(base, seed=seed)
+    for k, v in METHODS[method].items():
+        if k not in given:
             setattr(cfg, k, v)
     validate_config(cfg)                          # a preset combined with the flags must be valid too
     return cfg
@@ -1366,50 +1365,9 @@ def config_for(base: Config, method: str, seed: int) -> Config:
 def _run_job(args):
     cfg, method = args
     try:
-        return method, cfg.seed, run_opd(cfg, method)
+        return run_opd(cfg, method)
     except SystemExit as e:                 # a worker's SystemExit would hang the pool: re-raise as an error
         raise RuntimeError(str(e)) from None
-
-
-def first_step(rows, key, above: float):
-    """The first step whose `key` exceeds `above` ('' if none): e.g. the take-off, truncation > 0.3."""
-    return next((r["step"] for r in rows if r.get(key, -math.inf) > above), "")
-
-
-def summarize(method, seed, rows) -> dict:
-    """One results.csv row: per-seed figures of the learning phase, the collapse and the alerts."""
-    tr = [r for r in rows if "rollout/trunc_rate" in r]
-    ev = [r for r in rows if "eval/accuracy" in r]
-    acc, acc_s = [r["eval/accuracy"] for r in ev], [r["eval/accuracy_sampled"] for r in ev]
-    takeoff = first_step(tr, "rollout/trunc_rate", 0.3)
-    alert = next((r["step"] for r in tr if any(k.startswith("alert/") for k in r)), "")
-    guard = next((r["step"] for r in tr if r.get("guard/acted")), "")
-    return {"method": method, "seed": seed,
-            "acc_step0": acc[0], "acc_peak": max(acc), "acc_peak_step": ev[acc.index(max(acc))]["step"], "acc_final": acc[-1],
-            "acc_sampled_step0": acc_s[0], "acc_sampled_peak": max(acc_s), "acc_sampled_final": acc_s[-1],
-            "trunc_rate_step0": tr[0]["rollout/trunc_rate"], "trunc_rate_max": max(r["rollout/trunc_rate"] for r in tr),
-            "trunc_rate_final": tr[-1]["rollout/trunc_rate"],
-            "quiet_steps": first_step(tr, "rollout/trunc_rate", 0.05) or len(tr),    # steps before truncation > 0.05
-            "takeoff_step": takeoff,                                                  # truncation first > 0.3
-            "len_mean_step0": tr[0]["rollout/len_mean"], "len_mean_max": max(r["rollout/len_mean"] for r in tr),
-            "len_mean_final": tr[-1]["rollout/len_mean"],
-            "rep_rate_step0": tr[0]["rollout/rep_rate"], "rep_rate_max": max(r["rollout/rep_rate"] for r in tr),
-            "rep_rate_final": tr[-1]["rollout/rep_rate"],
-            "first_alert_step": alert, "alert_lead": takeoff - alert if takeoff != "" and alert != "" else "",
-            "guard_step": guard,
-            "trunc_after_guard": max((r["rollout/trunc_rate"] for r in tr if r["step"] > guard), default="") if guard != "" else ""}
-
-
-def study_plots_dir(cfg: Config) -> Path:
-    """--plots-dir if given; plots/ for the default study and plots/all/ for `--methods all` (the
-    committed figures); for any other setting <out_dir>/plots, so `--methods opd --seeds 1` does
-    not overwrite them."""
-    if cfg.plots_dir:
-        return Path(cfg.plots_dir)
-    neutral = {"workers", "threads", "device", "out_dir", "cache_dir", "plots_dir", "log_samples_every", "save_every", "resume"}
-    changed = [f.name for f in dataclasses.fields(Config) if f.name not in neutral and getattr(cfg, f.name) != f.default]
-    return Path("plots/all") if changed == ["methods"] and cfg.methods == "all" else \
-        Path(cfg.out_dir) / "plots" if changed else Path("plots")
 
 
 def study_workers(base: Config, n_jobs: int) -> int:
@@ -1419,26 +1377,77 @@ def study_workers(base: Config, n_jobs: int) -> int:
     return max(1, min(base.workers or cores // base.threads, n_jobs))
 
 
-def run_study(base: Config):
-    methods = list(METHODS) if base.methods == "all" else [m.strip() for m in base.methods.split(",") if m.strip()]
-    jobs = [(config_for(base, m, base.seed + i), m) for i in range(base.seeds) for m in methods]
-    load_models_and_data(base, torch.device(base.device))      # build or check the pair once, before any worker
-    t0 = time.time()
-    workers = study_workers(base, len(jobs))
-    if workers > 1 and not base.teacher:                          # real models: one process, they fill the device
-        import multiprocessing as mp
-        print(f"[study] {len(jobs)} runs in {workers} processes of {base.threads} thread(s) each", flush=True)
-        with mp.get_context("spawn").Pool(workers) as pool:
-            results = pool.map(_run_job, jobs, chunksize=1)
-    else:
-        results = [_run_job(j) for j in jobs]
-    print(f"[study] {len(jobs)} runs in {time.time() - t0:.0f}s", flush=True)
-    rows = [summarize(m, s, r) for m, s, r in results]
+def run_study(base: Config, given=frozenset()):
+    """Every method of --methods on --seeds seeds, then the table and figures from the run folders."""
+    runs = [(m, base.seed + i) for i in range(base.seeds) for m in parse_methods(base.methods)]
+    if not base.replot:
+        jobs = [(config_for(base, m, s, given), m) for m, s in runs]
+        load_models_and_data(base, torch.device(base.device))      # build or check the pair once, before any worker
+        t0, workers = time.time(), study_workers(base, len(jobs))
+        if workers > 1 and not base.teacher:                       # real models: one process, they fill the device
+            import multiprocessing as mp
+            print(f"[study] {len(jobs)} runs in {workers} processes of {base.threads} thread(s) each", flush=True)
+            with mp.get_context("spawn").Pool(workers) as pool:
+                pool.map(_run_job, jobs, chunksize=1)
+        else:
+            for job in jobs:
+                _run_job(job)
+        print(f"[study] {len(jobs)} runs in {time.time() - t0:.0f}s", flush=True)
+    results = []
+    for m, s in runs:
+        path = Path(base.out_dir) / (base.run_name or f"{m}-s{s}") / "metrics.jsonl"
+        if not path.exists():
+            raise SystemExit(f"error: no run at {path}; run the study first, or drop --replot")
+        results.append((m, s, read_metrics(path)))
     out = study_plots_dir(base)
+    rows = [summarize(m, s, r) for m, s, r in results]
     write_results(rows, out)
     plot_study(results, out)
     print(f"[study] table and figures in {out}/", flush=True)
     return rows
+
+
+def study_plots_dir(cfg: Config) -> Path:
+    """--plots-dir if given; plots/ for the default study and plots/all/ for `--methods all` (the
+    committed figures); for any other setting <out_dir>/plots, so `--methods opd --seeds 1` does
+    not overwrite them."""
+    if cfg.plots_dir:
+        return Path(cfg.plots_dir)
+    changed = [f.name for f in dataclasses.fields(Config) if not f.metadata["neutral"] and getattr(cfg, f.name) != f.default]
+    return Path("plots/all") if changed == ["methods"] and cfg.methods == "all" else \
+        Path(cfg.out_dir) / "plots" if changed else Path("plots")
+
+
+TAKEOFF = 0.3                     # a run has taken off once its rollouts' truncation rate exceeds this
+
+
+def first_step(rows, key, above: float):
+    """The first step whose `key` exceeds `above` ('' if none): e.g. the take-off, truncation > TAKEOFF."""
+    return next((r["step"] for r in rows if r.get(key, -math.inf) > above), "")
+
+
+def summarize(method, seed, rows) -> dict:
+    """One results.csv row: per-seed figures of the learning phase, the collapse and the alerts."""
+    tr = [r for r in rows if "rollout/trunc_rate" in r]
+    ev = [r for r in rows if "eval/accuracy" in r]
+    acc, acc_s = [r["eval/accuracy"] for r in ev], [r["eval/accuracy_sampled"] for r in ev]
+    takeoff = first_step(tr, "rollout/trunc_rate", TAKEOFF)
+    alert = next((r["step"] for r in tr if any(k.startswith("alert/") for k in r)), "")
+    guard = next((r["step"] for r in tr if r.get("guard/acted")), "")
+    return {"method": method, "seed": seed,
+            "acc_step0": acc[0], "acc_peak": max(acc), "acc_peak_step": ev[acc.index(max(acc))]["step"], "acc_final": acc[-1],
+            "acc_sampled_step0": acc_s[0], "acc_sampled_peak": max(acc_s), "acc_sampled_final": acc_s[-1],
+            "trunc_rate_step0": tr[0]["rollout/trunc_rate"], "trunc_rate_max": max(r["rollout/trunc_rate"] for r in tr),
+            "trunc_rate_final": tr[-1]["rollout/trunc_rate"],
+            "quiet_steps": first_step(tr, "rollout/trunc_rate", 0.05) or len(tr),    # steps before truncation > 0.05
+            "takeoff_step": takeoff,
+            "len_mean_step0": tr[0]["rollout/len_mean"], "len_mean_max": max(r["rollout/len_mean"] for r in tr),
+            "len_mean_final": tr[-1]["rollout/len_mean"],
+            "rep_rate_step0": tr[0]["rollout/rep_rate"], "rep_rate_max": max(r["rollout/rep_rate"] for r in tr),
+            "rep_rate_final": tr[-1]["rollout/rep_rate"],
+            "first_alert_step": alert, "alert_lead": takeoff - alert if takeoff != "" and alert != "" else "",
+            "guard_step": guard,
+            "trunc_after_guard": max((r["rollout/trunc_rate"] for r in tr if r["step"] > guard), default="") if guard != "" else ""}
 
 
 TABLE_COLS = ["acc_step0", "acc_peak", "acc_final", "acc_sampled_step0", "acc_sampled_peak", "acc_sampled_final",
@@ -1465,152 +1474,295 @@ def _std(x):
     return (sum((v - mu) ** 2 for v in x) / max(len(x) - 1, 1)) ** 0.5
 
 
+# Which signal warns first? Each candidate is one number per training step, computed from a
+# run's logged metrics; signal_table() scores them against the take-off (tutorial, section 4).
+
+def _slope(xs, i, n=10):
+    """Least-squares slope per step of the last n values up to xs[i] (0 before there are n)."""
+    if i + 1 < n or any(x != x for x in xs[i + 1 - n:i + 1]):
+        return 0.0
+    w, mid = xs[i + 1 - n:i + 1], (n - 1) / 2
+    return sum((j - mid) * (x - sum(w) / n) for j, x in enumerate(w)) / sum((j - mid) ** 2 for j in range(n))
+
+
+def warning_signals(rows) -> dict:
+    """Candidate early warnings of the collapse, each a list with one value per training step."""
+    rows = [r for r in rows if "rollout/trunc_rate" in r]
+    col = lambda k: [float(r.get(k, math.nan)) for r in rows]
+    ngram, ema = col("rollout/ngram_rep"), []
+    for x in ngram:
+        ema.append(x if not ema else 0.9 * ema[-1] + 0.1 * x)
+    frac, logp_t = col("adv/repetitive_frac"), col("logp/teacher")
+    return {"steps": [r["step"] for r in rows],
+            "repetition rate": col("rollout/rep_rate"),
+            "3-gram repetition over its EMA": [x - e for x, e in zip(ngram, [ngram[0]] + ema[:-1])],
+            "repetitive-token share, slope": [_slope(frac, i) for i in range(len(rows))],
+            "advantage gap, repetitive - regular": [a - b if a == a else -math.inf for a, b in
+                                                    zip(col("adv/repetitive"), col("adv/regular"))],
+            "share of stops with p_T(EOS) < p_S(EOS)": col("eos/teacher_lower_frac"),
+            "length over its EMA": col("rollout/growth"),
+            "p90 length": col("rollout/len_p90"),
+            "teacher log-prob, falling slope": [-_slope(logp_t, i) for i in range(len(rows))]}
+
+
+def fire_step(steps, values, threshold: float, patience: int = 2, start: int = 10):
+    """First step at which `values` exceeded `threshold` `patience` steps in a row ('' if never)."""
+    held = 0
+    for step, v in zip(steps, values):
+        held = held + 1 if step >= start and v > threshold else 0
+        if held >= patience:
+            return step
+    return ""
+
+
+def signal_table(*folders, fit_seeds=(0, 1, 2), horizon: int = 50) -> str:
+    """Lead time and false alarms of every candidate signal, as a markdown table.
+
+    Runs: the opd, stable-opd and sft-only runs in `folders`; a run collapses if its truncation
+    rate exceeds TAKEOFF. A lead is the take-off step minus the alert's step; a false alarm, an
+    alert on a run that never takes off. Each signal's threshold is chosen on the seeds in
+    `fit_seeds` alone, among those with no false alarm and no alert more than `horizon` steps
+    ahead of a take-off (such an alert says nothing about the collapse): the largest whose
+    smallest lead is at least 10 steps (twice the 5 an alarm needs to be acted on), else the one
+    with the largest smallest lead. The other seeds are only scored.
+    """
+    runs = []
+    for d in sorted(p for f in folders for p in Path(f).glob("*-s*")):
+        method, seed = d.name.rsplit("-s", 1)
+        if method in ("opd", "stable-opd", "sft-only") and (d / "metrics.jsonl").exists():
+            rows = read_metrics(d / "metrics.jsonl")
+            tr = [r for r in rows if "rollout/trunc_rate" in r]
+            runs.append((int(seed) in fit_seeds, first_step(tr, "rollout/trunc_rate", TAKEOFF), warning_signals(rows)))
+
+    def score(name, thr, fit):    # leads on collapsing runs (None: never fired), false alarms on quiet ones
+        leads, false = [], 0
+        for is_fit, takeoff, sig in runs:
+            if is_fit == fit:
+                fired = fire_step(sig["steps"], sig[name], thr)
+                if takeoff == "":
+                    false += fired != ""
+                else:
+                    leads.append(takeoff - fired if fired != "" else None)
+        return leads, false
+
+    lines = ["| signal | threshold (chosen on the fit seeds) | lead, fit seeds | false alarms, fit | lead, held-out seeds "
+             "| false alarms, held-out |", "|---|---|---|---|---|---|"]
+    n_quiet = {fit: sum(t == "" for f, t, _ in runs if f == fit) for fit in (True, False)}
+    for name in [k for k in runs[0][2] if k != "steps"]:
+        seen = sorted({v for f, _, sig in runs if f for v in sig[name] if math.isfinite(v)})
+        ok = []                             # (threshold, smallest lead on the fit seeds)
+        for thr in [(a + b) / 2 for a, b in zip(seen, seen[1:])][::max(1, len(seen) // 400)]:   # between values seen
+            leads, false = score(name, thr, True)
+            if false == 0 and all(x is None or x <= horizon for x in leads):
+                ok.append((thr, min((x if x is not None else -math.inf for x in leads), default=-math.inf)))
+        enough = [x for x in ok if x[1] >= 10]
+        best = enough[-1] if enough else max(ok, key=lambda x: x[1], default=None)
+        if best is None:
+            lines.append(f"| {name} | none without a false alarm | | | | |")
+            continue
+        fmt = lambda leads: ", ".join("missed" if x is None else str(x) for x in leads)
+        (lf, ff), (lh, fh) = score(name, best[0], True), score(name, best[0], False)
+        lines.append(f"| {name} | {best[0]:.3g} | {fmt(lf)} | {ff} of {n_quiet[True]} quiet | {fmt(lh)} | "
+                     f"{fh} of {n_quiet[False]} quiet |")
+    return "\n".join(lines)
+
+
+# One colour per method, the same in every figure; seeds of one method are told apart by a
+# sequential colour map instead, so a seed is never mistaken for a method.
+METHOD_COLORS = {"opd": "#d62728", "stable-opd": "#2ca02c", "sft-only": "#1f77b4", "opd+guard": "#9467bd",
+                 "ref-kl": "#ff7f0e", "mixture": "#bcbd22", "drop-trunc": "#8c564b", "overlong": "#e377c2",
+                 "adv-log": "#7f7f7f", "adv-clip": "#17becf", "eos-mask": "#393b79", "rep-penalty": "#000000",
+                 "full-vocab": "#e6ab02"}
+PANELS = {"eval/accuracy": ("held-out accuracy, greedy", "exact match"),
+          "eval/accuracy_sampled": ("held-out accuracy, sampled at the loss temperature", "exact match"),
+          "rollout/trunc_rate": ("truncation rate of the rollouts", "share of rollouts"),
+          "rollout/rep_rate": ("repetition rate of the rollouts", "share of rollouts")}
+
+
 def plot_study(results, out: Path):
+    """The study's figures from [(method, seed, rows)], rows as read from each run's metrics.jsonl."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def series(rows, key):
-        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and r[key] == r[key]]
-        return [p[0] for p in pts], [p[1] for p in pts]
+    def series(rows, key, gaps=False):
+        """(steps, values) of `key`; with gaps, NaN on training steps without a value (a break in the line)."""
+        pts = [(r["step"], r.get(key, math.nan)) for r in rows if key in r or (gaps and "rollout/trunc_rate" in r)]
+        pts = [(s, v) for s, v in pts if gaps or v == v]
+        return [s for s, _ in pts], [v for _, v in pts]
 
-    def band(ax, runs, key, color, label):
-        """Mean over seeds at the steps every seed logged, with the min-max band of the seeds."""
+    def seeds_and_mean(ax, runs, key, color, label, ls="-"):
+        """Each seed as a thin line, their mean (at the steps every seed logged) as a thick one."""
         pts = [dict(zip(*series(rows, key))) for rows in runs]
+        for p in pts:
+            ax.plot(list(p), list(p.values()), color=color, lw=0.7, alpha=0.35, ls=ls)
         steps = sorted(set.intersection(*(set(p) for p in pts)))
-        vals = [[p[s] for p in pts] for s in steps]
-        ax.plot(steps, [sum(v) / len(v) for v in vals], color=color, lw=1.6, label=label)
-        if len(runs) > 1:
-            ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], color=color, alpha=0.2, lw=0)
+        ax.plot(steps, [sum(p[s] for p in pts) / len(pts) for s in steps], color=color, lw=2.0, ls=ls, label=label)
 
-    def lines(ax, runs, key, color, label):
-        for i, rows in enumerate(runs):
-            ax.plot(*series(rows, key), color=color, lw=1.1, alpha=0.8, label=label if i == 0 else None)
+    def seed_colors(n):
+        return [plt.cm.viridis(x) for x in ([0.45] if n == 1 else [0.05 + 0.8 * i / (n - 1) for i in range(n)])]
+
+    def robust_ylim(ax, values, lo_q=0.02, hi_q=0.98):
+        """A y range that one spike cannot flatten: the 2nd to 98th percentile of the values, padded."""
+        v = sorted(x for x in values if math.isfinite(x))
+        if len(v) > 10:
+            lo, hi = v[int(lo_q * (len(v) - 1))], v[int(hi_q * (len(v) - 1))]
+            pad = 0.15 * (hi - lo or 1.0)
+            ax.set_ylim(lo - pad, hi + pad)
 
     by_method = {}
     for m, s, rows in results:
-        by_method.setdefault(m, []).append(rows)
-    palette = iter(c for c in plt.cm.tab10.colors + plt.cm.Dark2.colors if c not in plt.cm.tab10.colors[:5])
-    colors = {m: {"opd": "C3", "stable-opd": "C2", "sft-only": "C0", "opd+guard": "C4"}.get(m) or next(palette) for m in by_method}
-    takeoffs = [first_step(rows, "rollout/trunc_rate", 0.3) for rows in by_method.get("opd", [])]
+        by_method.setdefault(m, []).append((s, rows))
+    color = lambda m: METHOD_COLORS.get(m, "#555555")
+    takeoffs = {m: [first_step(rows, "rollout/trunc_rate", TAKEOFF) for _, rows in runs] for m, runs in by_method.items()}
     out.mkdir(parents=True, exist_ok=True)
-    # the headline: plain OPD against Stable-OPD and the SFT control, mean over seeds with the seeds' range
+    n_seeds = max(len(r) for r in by_method.values())
+
+    # Fig. 1, the headline: plain OPD against Stable-OPD and the SFT control
     head = [m for m in ("opd", "stable-opd", "sft-only") if m in by_method] or list(by_method)[:3]
-    fig, axes = plt.subplots(1, 4, figsize=(19, 4.2), sharex=True)
-    for ax, (key, title) in zip(axes, [("eval/accuracy", "held-out accuracy, greedy"),
-                                       ("eval/accuracy_sampled", "held-out accuracy, sampled (T of the loss)"),
-                                       ("rollout/trunc_rate", "truncation rate (rollouts)"), ("rollout/rep_rate", "repetition rate (rollouts)")]):
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
+    for ax, (key, (title, ylabel)) in zip(axes.ravel(), PANELS.items()):
         for m in head:
-            band(ax, by_method[m], key, colors[m], m)
-        for i, t in enumerate(x for x in takeoffs if x != ""):
-            ax.axvline(t, color="C3", ls=":", lw=0.9, label="opd take-off (truncation > 0.3), per seed" if i == 0 else None)
-        ax.set_title(title)
+            seeds_and_mean(ax, [rows for _, rows in by_method[m]], key, color(m), m)
+        for i, (m, t) in enumerate((m, t) for m in head for t in takeoffs[m] if t != ""):
+            ax.axvline(t, color=color(m), ls=":", lw=1.0, label="take-off of one seed (truncation > 0.3)" if i == 0 else None)
+        ax.set(title=title, ylabel=ylabel, ylim=(-0.02, 1.02))
+    for ax in axes[1]:
         ax.set_xlabel("OPD step")
-        ax.set_ylim(-0.02, 1.02)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(" vs ".join(head) + ": accuracy, truncation and repetition (mean over seeds, band: range of the seeds)")
+    axes[0, 0].legend(fontsize=8, loc="lower left")
+    fig.suptitle(f"{', '.join(head)}: thick = mean of {n_seeds} seeds, thin = each seed")
     fig.tight_layout()
     fig.savefig(out / "fig1_inflation.png", dpi=110)
     plt.close(fig)
-    # every method: one panel each (accuracy and truncation), then final accuracy per method
+
+    # every method: accuracy and truncation, one panel each, then the final accuracy of each
     n = len(by_method) + 1
     cols = min(n, 4)
-    fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(4.2 * cols, 3.2 * ((n + cols - 1) // cols)), squeeze=False)
+    rows_n = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows_n, cols, figsize=(3.6 * cols, 3.0 * rows_n), squeeze=False)
     axes = axes.ravel()
     for ax, (m, runs) in zip(axes, by_method.items()):
-        band(ax, runs, "eval/accuracy", "C0", "accuracy (greedy)")
-        band(ax, runs, "rollout/trunc_rate", "C3", "truncation rate")
-        ax.set_title(m)
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("OPD step")
-    axes[0].legend(fontsize=8)
+        seeds_and_mean(ax, [rows for _, rows in runs], "eval/accuracy", color(m), "held-out accuracy (greedy)")
+        seeds_and_mean(ax, [rows for _, rows in runs], "rollout/trunc_rate", color(m), "truncation rate", ls="--")
+        ax.set(title=m, ylim=(-0.02, 1.02), xlabel="OPD step")
+    axes[0].legend(fontsize=7, loc="center left")
     bar = axes[len(by_method)]
     for i, (m, runs) in enumerate(by_method.items()):
-        finals = [series(rows, "eval/accuracy")[1][-1] for rows in runs]
-        bar.bar(i, sum(finals) / len(finals), color=colors[m], alpha=0.7)
+        finals = [series(rows, "eval/accuracy")[1][-1] for _, rows in runs]
+        bar.bar(i, sum(finals) / len(finals), color=color(m), alpha=0.75)
         bar.plot([i] * len(finals), finals, "k.", ms=5)
-    start = series(next(iter(by_method.values()))[0], "eval/accuracy")[1][0]
+    start = series(next(iter(by_method.values()))[0][1], "eval/accuracy")[1][0]
     bar.axhline(start, color="gray", ls="--", lw=1, label="step 0")
     bar.set_xticks(range(len(by_method)), list(by_method), rotation=60, ha="right", fontsize=8)
-    bar.set_title("final accuracy (bar: mean, dots: seeds)")
+    bar.set(title="final held-out accuracy (bar: mean, dots: seeds)", ylabel="exact match", ylim=(0, 1))
     bar.legend(fontsize=8)
     for ax in axes[n:]:
         ax.axis("off")
+    fig.suptitle("each method: held-out accuracy (solid) and truncation rate (dashed); thick = mean, thin = seeds")
     fig.tight_layout()
     fig.savefig(out / "stabilizers.png", dpi=110)
     plt.close(fig)
     if "opd" not in by_method:
         return
-    runs = by_method["opd"]
+    runs, colors = by_method["opd"], seed_colors(len(by_method["opd"]))
+    labels = [f"seed {s}" + (f" (take-off {t})" if t != "" else "") for (s, _), t in zip(runs, takeoffs["opd"])]
 
-    def row(fname, panels):          # one figure, a panel per (title, [(key, color, label), ...]); dotted: take-offs
-        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
-        for ax, (title, curves) in zip(axes, panels):
-            for key, color, label in curves:
-                lines(ax, runs, key, color, label)
-            for t in (x for x in takeoffs if x != ""):
-                ax.axvline(t, color="gray", ls=":", lw=0.8)
-            ax.set_title(title)
-            ax.set_xlabel("OPD step (dotted: take-off, per seed)")
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / fname, dpi=110)
-        plt.close(fig)
-    row("fig3_logprobs.png", [   # paper Fig. 3: log-probs, advantage, length
-        ("log-prob of sampled tokens", [("logp/student", "C0", "log p_S(y_t)"), ("logp/teacher", "C1", "log p_T(y_t)")]),
-        ("mean advantage", [("adv/mean", "C4", "mean advantage")]),
-        ("mean rollout length", [("rollout/len_mean", "C3", "mean length")])])
-    row("fig4_advantage.png", [  # paper Fig. 4: advantage on repetitive vs regular tokens; EOS probabilities
-        ("advantage by token kind", [("adv/repetitive", "C3", "repetitive tokens"), ("adv/regular", "C0", "regular tokens")]),
-        ("share of repetitive tokens", [("adv/repetitive_frac", "C3", "repetitive fraction")]),
-        ("EOS probability at the stop", [("eos/p_student", "C0", "p_S(EOS) where it stopped"),
-                                         ("eos/p_teacher", "C1", "p_T(EOS) where it stopped")])])
-    if "opd+guard" in by_method:
-        # the guard, seed by seed: plain OPD and opd+guard, with the alert, the action and OPD's take-off
-        guarded, seeds = by_method["opd+guard"], [s for m, s, _ in results if m == "opd+guard"]
-        fig, axes = plt.subplots(2, len(guarded), figsize=(4.5 * len(guarded), 6), squeeze=False, sharex=True)
-        for j, (plain, g) in enumerate(zip(runs, guarded)):
-            alert = next((r["step"] for r in g if any(k.startswith("alert/") for k in r)), None)
-            acted = next((r["step"] for r in g if r.get("guard/acted")), None)
-            for ax, key in zip(axes[:, j], ["rollout/trunc_rate", "eval/accuracy"]):
-                ax.plot(*series(plain, key), color="C3", lw=1.2, label="opd")
-                ax.plot(*series(g, key), color="C4", lw=1.2, label="opd+guard")
-                for x, c, ls, lab in [(alert, "C1", "--", "first alert"), (acted, "C4", ":", "guard acted"),
-                                      (takeoffs[j] if j < len(takeoffs) else "", "C3", ":", "opd take-off")]:
-                    if x not in (None, ""):
-                        ax.axvline(x, color=c, ls=ls, lw=1.2, label=lab)
-                ax.set_ylim(-0.02, 1.02)
-                ax.set_title(f"seed {seeds[j]}: {key}", fontsize=9)
-            axes[1, j].set_xlabel("OPD step")
-        axes[0, 0].legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "guard.png", dpi=110)
-        plt.close(fig)
+    def per_seed(ax, key, title, ylabel, ls="-", label=True):
+        for (s, rows), c, lab, t in zip(runs, colors, labels, takeoffs["opd"]):
+            ax.plot(*series(rows, key), color=c, lw=1.1, ls=ls, label=lab if label else None)
+            if t != "":
+                ax.axvline(t, color=c, ls=":", lw=0.9)
+        ax.set(title=title, ylabel=ylabel, xlabel="OPD step (dotted: each seed's take-off)")
+
+    # Fig. 3 (the paper's Fig. 3): log-probs of the sampled tokens, advantage, length; plain OPD
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    per_seed(axes[0, 0], "logp/student", "student log-prob of its sampled tokens", "mean log p_S(y_t)")
+    per_seed(axes[0, 1], "logp/teacher", "teacher log-prob of the same tokens", "mean log p_T(y_t)")
+    per_seed(axes[1, 0], "adv/mean", "mean advantage (minus the per-token reverse KL)", "mean A_t")
+    per_seed(axes[1, 1], "rollout/len_mean", "mean rollout length", "tokens")
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle("plain OPD, one line per seed")
+    fig.tight_layout()
+    fig.savefig(out / "fig3_logprobs.png", dpi=110)
+    plt.close(fig)
+
+    # Fig. 4 (the paper's Fig. 4): advantage of repetitive and regular tokens, per seed; then the
+    # share of repetitive tokens and the EOS probabilities where the rollouts stopped
+    fig, axes = plt.subplots(2, len(runs), figsize=(4.2 * max(len(runs), 2), 7), squeeze=False)
+    for ax, (s, rows), t in zip(axes[0], runs, takeoffs["opd"]):
+        x, rep = series(rows, "adv/repetitive", gaps=True)
+        ax.plot(x, rep, color="#e6550d", lw=1.0, marker=".", ms=3, label="tokens in a repetitive tail")
+        ax.plot(*series(rows, "adv/regular", gaps=True), color="#636363", lw=1.0, label="all other tokens")
+        if t != "":
+            ax.axvline(t, color="k", ls=":", lw=0.9, label="take-off")
+        robust_ylim(ax, rep + series(rows, "adv/regular")[1])
+        ax.set(title=f"seed {s}: mean advantage by token kind", ylabel="mean A_t (gaps: no repetitive token)",
+               xlabel="OPD step")
+    axes[0, 0].legend(fontsize=7)
+    per_seed(axes[1, 0], "adv/repetitive_frac", "share of tokens in a repetitive tail", "share of response tokens")
+    axes[1, 0].legend(fontsize=7)
+    if len(runs) > 1:
+        per_seed(axes[1, 1], "eos/p_student", "p(EOS) where a rollout stopped", "p(EOS)", label=False)
+        per_seed(axes[1, 1], "eos/p_teacher", "p(EOS) where a rollout stopped", "p(EOS)", ls="--", label=False)
+        axes[1, 1].legend(handles=[matplotlib.lines.Line2D([], [], color="k", ls=ls, label=lab) for ls, lab in
+                                   (("-", "student"), ("--", "teacher"))], fontsize=7)
+    for ax in axes[1, 2:]:
+        per_seed(ax, "kl/reverse", "per-token reverse KL (sampled estimate)", "nats per token", label=False)
+    fig.suptitle("plain OPD: the paper's mechanism, repetitive tokens against the rest")
+    fig.tight_layout()
+    fig.savefig(out / "fig4_advantage.png", dpi=110)
+    plt.close(fig)
+
+    if "opd+guard" not in by_method:
+        return
+    # the guard, seed by seed: plain OPD and opd+guard, with the alert, the action and OPD's take-off
+    guarded = by_method["opd+guard"]
+    fig, axes = plt.subplots(2, len(guarded), figsize=(4.2 * len(guarded), 6), squeeze=False, sharex=True)
+    for j, ((s, g), t) in enumerate(zip(guarded, takeoffs["opd"])):
+        plain = dict(runs).get(s, [])
+        alert = next((r["step"] for r in g if any(k.startswith("alert/") for k in r)), None)
+        acted = next((r["step"] for r in g if r.get("guard/acted")), None)
+        for ax, key in zip(axes[:, j], ["rollout/trunc_rate", "eval/accuracy"]):
+            ax.plot(*series(plain, key), color=color("opd"), lw=1.2, label="opd")
+            ax.plot(*series(g, key), color=color("opd+guard"), lw=1.2, label="opd+guard")
+            for x, c, ls, lab in [(alert, "#ff7f0e", "--", "first alert"), (acted, color("opd+guard"), ":", "guard acted"),
+                                  (t, color("opd"), ":", "opd take-off")]:
+                if x not in (None, ""):
+                    ax.axvline(x, color=c, ls=ls, lw=1.2, label=lab)
+            ax.set(ylim=(-0.02, 1.02), title=f"seed {s}: {PANELS[key][0]}", ylabel=PANELS[key][1])
+            ax.title.set_fontsize(9)
+        axes[1, j].set_xlabel("OPD step")
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "guard.png", dpi=110)
+    plt.close(fig)
 
 
-def parse_config(argv=None) -> Config:
-    """The command line, generated from Config: --help is the documentation."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parse_config(argv=None) -> tuple[Config, frozenset]:
+    """The command line, generated from Config (--help is the documentation). Returns the config
+    and the names of the flags given, which win over a method preset's settings."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
+        flag, why = "--" + f.name.replace("_", "-"), f"{f.metadata['help']} (default: {f.default!r})"
         if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=why)
         else:
             typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            p.add_argument(flag, type=typ, default=f.default, help=f.metadata["help"])
+            p.add_argument(flag, type=typ, help=why)
     p.error = lambda message: p.exit(2, f"error: {message} (python opd.py --help lists every flag)\n")  # one line
-    cfg = Config(**vars(p.parse_args(argv)))
+    given = vars(p.parse_args(argv))                 # only the flags on the command line (SUPPRESS)
+    cfg = Config(**given)
     validate_config(cfg)
-    return cfg
+    return cfg, frozenset(given)
 
 
 if __name__ == "__main__":
-    cfg = parse_config()
+    cfg, given = parse_config()
     try:
-        run_study(cfg)
+        run_study(cfg, given)
     except KeyboardInterrupt:
         again = " ".join(shlex.quote(a) for a in [sys.executable, sys.argv[0], *sys.argv[1:]] if a != "--resume")
-        raise SystemExit(f"\ninterrupted: every completed step is in {cfg.out_dir}/<run>/metrics.jsonl; the cached model "
+        raise SystemExit(f"\ninterrupted: every completed step is in {cfg.out_dir}/<run>/metrics.jsonl; the model "
                          "pair is intact. " + (f"Each run keeps a checkpoint every {cfg.save_every} steps; continue with:\n"
                                                f"  {again} --resume" if cfg.save_every else
                                                "Without --save-every there is no checkpoint: rerun the same command to start over."))

@@ -417,6 +417,71 @@ def test_dropping_truncated_removes_exactly_their_tokens(tokens, mode, seed):
     assert float(got) == pytest.approx(float(ref), abs=1e-9)
 
 
+def _hand_opd_loss(lp_s, lp_t, tokens, eos, kw, kl_ref=None, sft=None):
+    """The loss of section 5 written out token by token in plain Python: an independent reference."""
+    rows = []
+    for b in range(tokens.shape[0]):
+        ids = tokens[b].tolist()
+        L = ids.index(eos) + 1 if eos in ids else len(ids)
+        trunc = eos not in ids
+        pen = min(-(L - (kw["max_len"] - kw["overlong_buffer"])) / kw["overlong_buffer"], 0.0) if kw["overlong_buffer"] else 0.0
+        terms = []
+        for t in range(L):
+            a = float(lp_t[b, t] - lp_s[b, t]) + pen
+            if kw["adv_regulation"] == "clip":
+                a = max(-kw["adv_clip"], min(kw["adv_clip"], a))
+            elif kw["adv_regulation"] == "log":
+                a = math.copysign(math.log1p(abs(a)), a)
+            if kw["eos_mask"] and ids[t] == eos:
+                a = 0.0
+            terms.append(-a * float(lp_s[b, t]))
+        rows.append((terms, kw["trunc_weight"] if trunc else 1.0, [float(kl_ref[b, t]) for t in range(L)] if kl_ref is not None else []))
+    assert kw["loss_agg"] == "seq-mean-token-mean"
+    opd_term = sum(w * sum(x) / (w * len(x)) for x, w, _ in rows if w > 0) / sum(w > 0 for _, w, _ in rows)
+    loss = kw["opd_coef"] * opd_term
+    if kw["ref_kl"]:
+        loss += kw["ref_kl"] * sum(sum(k) / len(k) for _, _, k in rows) / len(rows)
+    if kw["sft_coef"]:
+        loss += kw["sft_coef"] * float(sft.detach())
+    return loss
+
+
+def test_opd_loss_equals_the_loops_loss(work, monkeypatch):
+    """The loss the loop trains on, with every stabilizer of the sampled objective on at once, equals
+    a token-by-token Python computation from the same per-token terms; opd_loss() on those terms
+    gives the same value (the function to copy into another loop)."""
+    seen, sfts = _capture(monkeypatch), []
+    real_sft = opd.sft_nll
+    monkeypatch.setattr(opd, "sft_nll", lambda *a, **k: sfts.append(real_sft(*a, **k)) or sfts[-1])
+    kw = dict(ref_kl=0.05, sft_coef=0.5, overlong_buffer=4, adv_regulation="clip", adv_clip=0.5, eos_mask=True,
+              trunc_weight=0.5, loss_agg="seq-mean-token-mean")
+    rows = opd.run_opd(_tiny_cfg(work, run_name="loss", max_new_tokens=8, **kw))
+    settings = opd.loss_settings(_tiny_cfg(work, max_new_tokens=8, **kw))
+    eos = opd.build_tokenizer().eos_token_id
+    losses = [r["loss/total"] for r in rows if "loss/total" in r]
+    assert len(seen["terms"]) == len(losses) == len(sfts) == 4
+    truncated = 0
+    for (resp, t), sft, logged in zip(seen["terms"], sfts, losses):
+        hand = _hand_opd_loss(t["logp_student"], t["logp_teacher"], resp, eos, settings, t["kl_ref"], sft)
+        assert logged == pytest.approx(hand, rel=1e-5, abs=1e-6)
+        again, parts = opd.opd_loss(t["logp_student"], t["logp_teacher"], resp, eos, kl_ref=t["kl_ref"], sft=sft.detach(),
+                                    **settings)
+        assert float(again) == pytest.approx(logged, rel=1e-6, abs=1e-7) and set(parts) == {"opd", "ref_kl", "sft"}
+        truncated += int((resp != eos).all(-1).sum())
+    assert truncated > 0                                               # the truncation weight was exercised
+
+
+@given(token_batch(), st.integers(0, 99))
+def test_opd_loss_defaults_are_plain_opd(tokens, seed):
+    g = torch.Generator().manual_seed(seed)
+    lp_s, lp_t = -torch.rand(tokens.shape, generator=g, dtype=torch.float64) * 3, -torch.rand(tokens.shape, generator=g, dtype=torch.float64) * 3
+    mask, _, _ = opd.response_mask(tokens, 2)
+    loss, parts = opd.opd_loss(lp_s, lp_t, tokens, 2)
+    adv = lp_t - lp_s
+    assert float(loss) == pytest.approx(float((-adv * lp_s * mask).sum() / mask.sum()), rel=1e-9, abs=1e-12)
+    assert set(parts) == {"opd"}
+
+
 @given(st.lists(st.floats(-50, 50), min_size=1, max_size=30), st.floats(0.1, 5))
 def test_advantage_regulation(values, bound):
     a = torch.tensor(values, dtype=torch.float64)
@@ -462,7 +527,7 @@ def test_exact_match_needs_the_stop_and_the_text():
 @given(st.integers(1, 400), st.integers(0, 100), st.floats(0, 1))
 def test_lr_factor_is_warmup_stable_decay(steps, warmup, decay):
     d = round(decay * steps)
-    f = [opd.lr_factor(s, steps, warmup, d) for s in range(steps)]
+    f = [opd.lr_factor(s, steps, warmup, decay) for s in range(steps)]
     assert all(0 < x <= 1 for x in f)
     up, down = min(warmup, steps - d), max(warmup, steps - d)     # the phases may overlap: the smaller factor wins
     assert all(a <= b + 1e-12 for a, b in zip(f[:up], f[1:up]))                  # rising while warming up
@@ -574,6 +639,18 @@ def test_cli_writes_every_documented_key(work):
     assert (work / "plots" / "results.csv").exists() and (work / "plots" / "fig1_inflation.png").exists()
 
 
+def test_replot_redraws_from_the_run_folders(work, tmp_path):
+    """--replot trains nothing and writes the same table as the run that made the folders."""
+    r = cli(*TINY, "--methods", "opd", "--seeds", "1", "--cache-dir", str(work / "cache"), "--out-dir", str(work / "runs"),
+            "--plots-dir", str(tmp_path / "again"), "--replot")
+    assert "[build]" not in r.stdout and "step    0" not in r.stdout
+    assert (tmp_path / "again" / "results.csv").read_text() == (work / "plots" / "results.csv").read_text()
+    assert {p.name for p in (work / "plots").glob("*.png")} == {p.name for p in (tmp_path / "again").glob("*.png")}
+    r = cli(*TINY, "--methods", "opd", "--seeds", "2", "--out-dir", str(work / "runs"), "--plots-dir", str(tmp_path / "x"),
+            "--replot", check=False)
+    assert r.returncode != 0 and "no run at" in r.stderr and "opd-s1" in r.stderr
+
+
 def test_cache_reused_and_rebuilt_on_change(work):
     r = cli(*TINY, "--methods", "opd", "--seeds", "1", "--steps", "1", "--cache-dir", str(work / "cache"),
             "--out-dir", str(work / "runs2"), "--plots-dir", str(work / "p2"))
@@ -585,8 +662,8 @@ def test_cache_reused_and_rebuilt_on_change(work):
 
 def _tiny_cfg(work, method="opd", seed=0, **overrides):
     """The tiny config of the command-line tests, as run_opd takes it (in-process)."""
-    base = opd.parse_config(TINY + ["--cache-dir", str(work / "cache"), "--out-dir", str(work / "inproc")])
-    return opd.dataclasses.replace(opd.config_for(base, method, seed), **overrides)
+    base, given = opd.parse_config(TINY + ["--cache-dir", str(work / "cache"), "--out-dir", str(work / "inproc")])
+    return opd.dataclasses.replace(opd.config_for(base, method, seed, given), **overrides)
 
 
 def test_same_seed_same_metrics(work):
@@ -643,7 +720,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     opt = torch.optim.AdamW(model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     mon, rng, path = opd.LengthMonitor(2, 8), random.Random(0), tmp_path / "checkpoint.pt"
-    opd.save_checkpoint(path, 5, model, opt, sched, (rng,), mon, None, opd.Config())
+    opd.save_checkpoint(path, 5, opd.Config(), model, opt, sched, (rng,), mon, None, {})
     real = torch.save
 
     def killed(obj, f):
@@ -653,7 +730,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(opd.torch, "save", killed)
     with pytest.raises(KeyboardInterrupt):
-        opd.save_checkpoint(path, 10, model, opt, sched, (rng,), mon, None, opd.Config())
+        opd.save_checkpoint(path, 10, opd.Config(), model, opt, sched, (rng,), mon, None, {})
     assert torch.load(path, weights_only=False)["step"] == 5
 
 
@@ -676,8 +753,8 @@ def test_ctrl_c_names_the_resume_command(work, tmp_path):
     assert cmd[-1] == "--resume" and cmd[2:-1] == args, err
     done = [r["step"] for r in opd.read_metrics(tmp_path / "runs" / "opd-s0" / "metrics.jsonl")]
     assert 4 <= len(done) < 31                                        # stopped mid-run
-    cfg = opd.parse_config(cmd[2:])                                   # the printed command, run in-process
-    rows = opd.run_opd(opd.config_for(cfg, "opd", cfg.seed), "opd")
+    cfg, given = opd.parse_config(cmd[2:])                            # the printed command, run in-process
+    rows = opd.run_opd(opd.config_for(cfg, "opd", cfg.seed, given), "opd")
     assert [r["step"] for r in rows] == list(range(31)) and cfg.resume
     assert opd.read_metrics(tmp_path / "runs" / "opd-s0" / "metrics.jsonl")[:len(done) - 2] == \
         opd.read_metrics(tmp_path / "runs" / "opd-s0" / "metrics.prev.jsonl")[:len(done) - 2]   # earlier steps kept as logged
@@ -795,10 +872,29 @@ def test_unparsable_flag_value_one_line_exit_2(capsys):
 
 
 def test_preset_combined_with_flags_is_validated(capsys):
-    base = opd.parse_config(["--max-new-tokens", "8"])                # valid alone
+    base, _ = opd.parse_config(["--max-new-tokens", "8"])             # valid alone
     with pytest.raises(SystemExit) as e:
         opd.config_for(base, "overlong", 0)                           # the preset's buffer of 12 exceeds the budget of 8
     assert e.value.code == 2 and "--overlong-buffer must be between 0 and --max-new-tokens (8) (got 12)" in capsys.readouterr().err
+
+
+def test_flag_given_at_its_default_wins_over_the_preset():
+    """--methods sft-only --opd-coef 1.0: the flag was given, so it wins, although 1.0 is its default."""
+    base, given = opd.parse_config(["--methods", "sft-only", "--opd-coef", "1.0"])
+    cfg = opd.config_for(base, "sft-only", 0, given)
+    assert (cfg.opd_coef, cfg.sft_coef) == (1.0, opd.STABLE_OPD["sft_coef"])
+    base, given = opd.parse_config(["--methods", "sft-only"])
+    assert opd.config_for(base, "sft-only", 0, given).opd_coef == 0.0             # not given: the preset's
+
+
+def test_run_name_shared_by_several_runs_is_refused(capsys):
+    for argv in (["--methods", "opd,stable-opd", "--seeds", "1"], ["--methods", "opd", "--seeds", "2"]):
+        with pytest.raises(SystemExit) as e:
+            opd.parse_config([*argv, "--run-name", "x"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: --run-name must be empty"), err
+    cfg, _ = opd.parse_config(["--methods", "opd", "--seeds", "1", "--run-name", "x"])   # one run: fine
+    assert cfg.run_name == "x"
 
 
 def test_mismatched_tokenizers(tmp_path):
@@ -906,12 +1002,36 @@ def test_tutorial_monitor_snippet_runs():
 
 def test_study_plots_dir_keeps_committed_figures():
     assert opd.study_plots_dir(opd.Config()) == Path("plots")
-    assert opd.study_plots_dir(opd.Config(workers=1, threads=2)) == Path("plots")      # same results
+    assert opd.study_plots_dir(opd.Config(workers=1, save_every=0)) == Path("plots")   # the same numbers
+    assert opd.study_plots_dir(opd.Config(threads=2)) == Path("runs") / "plots"       # other arithmetic
     assert opd.study_plots_dir(opd.Config(methods="opd", seeds=1)) == Path("runs") / "plots"
     assert opd.study_plots_dir(opd.Config(lr=3e-4, out_dir="r")) == Path("r") / "plots"
     assert opd.study_plots_dir(opd.Config(methods="opd", plots_dir="p")) == Path("p")
     assert opd.study_plots_dir(opd.Config(methods="all", workers=1)) == Path("plots") / "all"
     assert opd.study_plots_dir(opd.Config(methods="all", seeds=1)) == Path("runs") / "plots"
+
+
+def test_opd_comes_first_and_machinery_after_the_banner():
+    """Sections 1-5 hold OPD alone; validation, presets, checkpoints, signals, tables, plots and
+    the command line are defined below the banner that ends them."""
+    src = (HERE / "opd.py").read_text()
+    banner = src.index("#   OPD ends here")
+    where = lambda name: re.search(rf"^(def|class) {name}\b|^{name} = ", src, re.M).start()
+    for name in ("validate_config", "parse_config", "config_for", "METHODS", "RunLog", "save_checkpoint", "load_checkpoint",
+                 "signal_table", "warning_signals", "write_results", "plot_study", "summarize", "load_pretrained"):
+        assert where(name) > banner, name
+    for name in ("Config", "response_mask", "aggregate_loss", "MotifTask", "LengthMonitor", "sample_rollouts", "run_opd",
+                 "opd_loss", "Guard"):
+        assert where(name) < banner, name
+    run_opd = src[where("run_opd"):]
+    run_opd = run_opd[:re.search(r"^\S", run_opd[1:], re.M).start() + 1]
+    assert len(run_opd.strip().splitlines()) <= 100
+
+
+def test_help_strings_say_what_and_why_not_what_a_run_measured():
+    words = re.compile(r"\b(measured|collapsed|inflated|learned|gave|reached|never|seed-dependent)\b", re.I)
+    bad = {f.name: f.metadata["help"] for f in opd.dataclasses.fields(opd.Config) if words.search(f.metadata["help"])}
+    assert not bad, bad
 
 
 def test_tutorial_sections_match_banners():

@@ -89,7 +89,10 @@ class Config:
     # --- model pair (empty paths: the default pair of section 2)
     teacher: str = _f("", "teacher folder, .gguf file (needs gguf + accelerate) or hub id; empty: the default teacher")
     student: str = _f("", "student folder, .gguf file (needs gguf + accelerate) or hub id; empty: the default student")
-    prompts: str = _f("", "JSON-lines file of {'prompt': ..., 'answer': optional}; empty: the synthetic task")
+    prompts: str = _f("", "JSON-lines file of {'prompt': ..., 'answer': optional, 'accept': optional regex}; "
+                          "empty: the synthetic task")
+    teacher_context: str = _f("", "JSON file: a list of chat messages the teacher reads before every prompt "
+                                  "(privileged-context distillation, section 6); the student sees the prompt alone")
     cache_dir: str = _f(".cache", "a default pair built with other settings is saved here, in a folder keyed by them",
                         neutral=True)
     teacher_layers: int = _f(2, "two layers: enough to count motif repeats reliably")
@@ -307,10 +310,11 @@ def make_model(tokenizer, layers: int, width: int, arch: str = "llama"):
     return AutoModelForCausalLM.from_config(cfg)
 
 
-def prompt_token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids of each prompt, unpadded; through the chat template if the tokenizer has one."""
+def prompt_token_ids(tokenizer, texts: list[str], context=()) -> list[list[int]]:
+    """Token ids of each prompt, unpadded; through the chat template if the tokenizer has one,
+    after the `context` messages if any (a teacher with privileged context, section 6)."""
     if getattr(tokenizer, "chat_template", None):
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+        texts = [tokenizer.apply_chat_template([*context, {"role": "user", "content": t}], tokenize=False,
                                                add_generation_prompt=True) for t in texts]
         return tokenizer(texts, add_special_tokens=False)["input_ids"]
     return tokenizer(texts)["input_ids"]                        # BOS added as the tokenizer does
@@ -329,9 +333,9 @@ def position_ids(attn: torch.Tensor) -> torch.Tensor:
     return (attn.cumsum(-1) - 1).clamp(min=0)
 
 
-def encode_batch(tokenizer, texts: list[str], device="cpu"):
+def encode_batch(tokenizer, texts: list[str], device="cpu", context=()):
     """Left-padded prompt ids (B, P) and attention mask (B, P)."""
-    return left_pad(prompt_token_ids(tokenizer, texts), tokenizer.pad_token_id, device)
+    return left_pad(prompt_token_ids(tokenizer, texts, context), tokenizer.pad_token_id, device)
 
 
 def supervised_batch(tokenizer, examples, device="cpu"):
@@ -671,13 +675,27 @@ def exact_match(tokenizer, ids, answer) -> bool:
         tokenizer.decode(ids[:-1], skip_special_tokens=True).strip() == answer.strip()
 
 
+def is_correct(tokenizer, ids, example) -> bool:
+    """The grader: a response that stopped and matches the example's "accept" regex (the skill,
+    whatever the wording), or else equals its "answer" (exact match, the toy task's grader)."""
+    if example.get("accept") is not None:
+        return bool(ids) and ids[-1] == tokenizer.eos_token_id and \
+            re.search(example["accept"], tokenizer.decode(ids[:-1], skip_special_tokens=True)) is not None
+    return exact_match(tokenizer, ids, example["answer"])
+
+
+def graded(example) -> bool:
+    """Whether an example says what is correct (prompts without an answer are only trained on)."""
+    return example.get("answer") is not None or example.get("accept") is not None
+
+
 @torch.no_grad()
 def evaluate(model, tokenizer, examples, max_new_tokens: int, device="cpu", batch_size: int = 128,
-             window: int = 24, tau: float = 3.0, temperature: float = 1.0, generator=None) -> dict:
-    """Held-out exact match of greedy decoding, with its length, truncation and repetition
-    figures; with a `generator`, also `accuracy_sampled`: exact match of samples at
+             window: int = 24, tau: float = 3.0, temperature: float = 1.0, generator=None, context=()) -> dict:
+    """Held-out accuracy (is_correct) of greedy decoding, with its length, truncation and
+    repetition figures; with a `generator`, also `accuracy_sampled`: the accuracy of samples at
     `temperature`, the policy OPD trains (drawn from that generator alone, so evaluating
-    changes no draw of training)."""
+    changes no draw of training). `context`: chat messages before each prompt."""
     was_training = model.training
     model.eval()
     out = {}
@@ -685,14 +703,14 @@ def evaluate(model, tokenizer, examples, max_new_tokens: int, device="cpu", batc
         seqs, correct = [], 0
         for i in range(0, len(examples), batch_size):
             batch = examples[i:i + batch_size]
-            ids, attn = encode_batch(tokenizer, [e["prompt"] for e in batch], device)
+            ids, attn = encode_batch(tokenizer, [e["prompt"] for e in batch], device, context)
             toks = sample_rollouts(model, ids, attn, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
                                    temperature, greedy=greedy, generator=generator)                  # (b, T)
             _, lengths, _ = response_mask(toks, tokenizer.eos_token_id)
             for j, e in enumerate(batch):
                 seqs.append(toks[j, :lengths[j]].tolist())
-                correct += e.get("answer") is not None and exact_match(tokenizer, seqs[-1], e["answer"])
-        accuracy = correct / max(sum(e.get("answer") is not None for e in examples), 1)
+                correct += graded(e) and is_correct(tokenizer, seqs[-1], e)
+        accuracy = correct / max(sum(map(graded, examples)), 1)
         if greedy:
             out = dict(length_stats(seqs, tokenizer.eos_token_id, max_new_tokens, window, tau), accuracy=accuracy)
         else:
@@ -784,10 +802,10 @@ def run_opd(cfg: Config, method: str = "opd"):
         mask, lengths, truncated = response_mask(resp, eos)                                     # (B, T), (B,), (B,)
         P, seq, attn = p_ids.shape[1], torch.cat([p_ids, resp], 1), torch.cat([p_attn, mask.long()], 1)  # (B, P+T)
         lap("rollout")
-        # --- 2. the teacher scores the same tokens, after the prompt in its own chat format when
-        # the two differ (section 6; the response ids are shared); the reference model too, if on
-        t_ids, t_attn = (p_ids, p_attn) if data["teacher_tok"] is None else \
-            left_pad(prompt_token_ids(data["teacher_tok"], [e["prompt"] for e in batch]), pad, device)   # (B, P_t)
+        # --- 2. the teacher scores the same tokens, after its own rendering of the prompt when it
+        # differs (another chat format or a privileged context, section 6); the reference model too
+        t_ids, t_attn = (p_ids, p_attn) if data["teacher_prompts"] is None else \
+            left_pad(data["teacher_prompts"]([e["prompt"] for e in batch]), pad, device)          # (B, P_t)
         with torch.no_grad():
             h_t = response_hidden_states(teacher, torch.cat([t_ids, resp], 1), torch.cat([t_attn, mask.long()], 1),
                                          t_ids.shape[1], cfg.length_groups)                       # (B, T, H_t)
@@ -821,9 +839,9 @@ def run_opd(cfg: Config, method: str = "opd"):
         lap("update")
         # --- 6. the monitor reads the rollouts; the guard acts on its first alert
         seqs = [resp[i, :lengths[i]].tolist() for i in range(resp.shape[0])]
-        graded = [(s, e["answer"]) for s, e in zip(seqs, batch) if e.get("answer") is not None]
+        marked = [(s, e) for s, e in zip(seqs, batch) if graded(e)]
         m.update({"loss/total": loss.item(), "loss/opd": parts["opd"].item(),
-                  "rollout/accuracy": sum(exact_match(tokenizer, s, a) for s, a in graded) / len(graded) if graded else math.nan,
+                  "rollout/accuracy": sum(is_correct(tokenizer, s, e) for s, e in marked) / len(marked) if marked else math.nan,
                   **rollout_metrics(terms, mask, lengths, truncated, seqs, eos, cfg),
                   **{k if k.startswith("alert/") else f"rollout/{k}": v for k, v in monitor.update(seqs, step).items()},
                   **{f"time/{k}_s": v for k, v in lap.times.items()},
@@ -1019,9 +1037,10 @@ def layer_dropped(model, keep):
     return student
 
 
-def check_pair(tok_s, tok_t, model_s, model_t, prompts, max_new_tokens) -> bool:
+def check_pair(tok_s, tok_t, model_s, model_t, prompts, max_new_tokens, context=()) -> bool:
     """The checks that catch the most common real-world OPD failures before the first step.
-    Returns True when the two chat formats differ: the teacher then reads each prompt in its own."""
+    Returns True when the teacher must read each prompt in a rendering of its own: its chat
+    format differs from the student's, or it reads a privileged `context` first."""
     vs, vt = model_s.get_output_embeddings().weight.shape[0], model_t.get_output_embeddings().weight.shape[0]
     probe = "The quick brown fox 123 =+ \u00e9"
     if tok_s.get_vocab() != tok_t.get_vocab() or tok_s(probe)["input_ids"] != tok_t(probe)["input_ids"]:
@@ -1047,17 +1066,41 @@ def check_pair(tok_s, tok_t, model_s, model_t, prompts, max_new_tokens) -> bool:
     if own_format:
         print(f"[check] chat formats differ: the student renders a prompt as {tok_s.decode(probe_s)!r}, the teacher as "
               f"{tok_t.decode(probe_t)!r}; the teacher scores each response after its own rendering of the prompt.", flush=True)
-    for tok, model, role in ((tok_s, model_s, "student"), (tok_t, model_t, "teacher")):
+    if context and not getattr(tok_t, "chat_template", None):
+        raise SystemExit("error: --teacher-context needs a teacher tokenizer with a chat template, to render the "
+                         "context messages before each prompt")
+    for tok, model, role, ctx_msgs in ((tok_s, model_s, "student", ()), (tok_t, model_t, "teacher", context)):
         ctx = getattr(model.config, "max_position_embeddings", None)
-        longest = max(len(ids) for ids in prompt_token_ids(tok, [p["prompt"] for p in prompts]))
+        longest = max(len(ids) for ids in prompt_token_ids(tok, [p["prompt"] for p in prompts], ctx_msgs))
         if ctx and longest + max_new_tokens > ctx:
-            raise SystemExit(f"error: the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) exceeds "
-                             f"the {role}'s context ({ctx}). Shorten the prompts or lower --max-new-tokens.")
-    return own_format
+            raise SystemExit(f"error: the longest prompt ({longest} tokens{', context included' if ctx_msgs else ''}) plus "
+                             f"max_new_tokens ({max_new_tokens}) exceeds the {role}'s context ({ctx}). Shorten the prompts "
+                             "or lower --max-new-tokens.")
+    return own_format or bool(context)
+
+
+def read_context(path: str) -> list[dict]:
+    """--teacher-context: a JSON list of chat messages {"role": "user"|"assistant"|"system", "content": str}."""
+    p = Path(path)
+    if not p.is_file():
+        raise SystemExit(f"error: teacher context file {path!r} does not exist")
+    try:
+        msgs = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"error: {path} is not valid JSON ({e.msg}); it must be a list of chat messages") from None
+    if not isinstance(msgs, list) or not msgs or not all(
+            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str)
+            for m in msgs):
+        raise SystemExit(f'error: {path} must be a non-empty JSON list of {{"role": "system"|"user"|"assistant", '
+                         '"content": "..."}} messages')
+    return msgs
 
 
 def read_prompts(path: str) -> list[dict]:
-    """JSON lines of {"prompt": str, "answer": str (optional)}; a clear error on anything else."""
+    """JSON lines of {"prompt": str, "answer": str, "accept": regex, "split": "eval" | "train"}, all
+    but the prompt optional ("answer": the reference for exact match and --sft-coef; "accept": a regex
+    that a correct response matches, the grader then; "split": "eval" holds the row out); a clear
+    error on anything else."""
     p = Path(path)
     if not p.is_file():
         raise SystemExit(f"error: prompt file {path!r} does not exist")
@@ -1073,7 +1116,15 @@ def read_prompts(path: str) -> list[dict]:
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             raise SystemExit(f'error: {path}:{n} has no string "prompt" field; each line must be '
                              '{"prompt": "...", "answer": "..." (optional)}')
-        rows.append({"prompt": row["prompt"], "answer": row.get("answer")})
+        if row.get("accept") is not None:
+            try:
+                re.compile(row["accept"])
+            except (re.error, TypeError) as e:
+                raise SystemExit(f'error: {path}:{n} has an "accept" field that is not a regular expression ({e})') from None
+        if row.get("split", "train") not in ("train", "eval"):
+            raise SystemExit(f'error: {path}:{n} has "split": {row["split"]!r}; use "train" or "eval"')
+        rows.append({"prompt": row["prompt"], "answer": row.get("answer"), "accept": row.get("accept"),
+                     "split": row.get("split", "train")})
     if not rows:
         raise SystemExit(f"error: prompt file {path!r} holds no prompts")
     return rows
@@ -1090,8 +1141,12 @@ def load_models_and_data(cfg: Config, device):
     teacher.eval().requires_grad_(False)
     if cfg.prompts:
         rows = read_prompts(cfg.prompts)
-        n_eval = min(cfg.eval_size, max(1, len(rows) // 8)) if len(rows) > 1 else 0
-        eval_rows, train_rows = rows[:n_eval], rows[n_eval:] or rows
+        if any(r["split"] == "eval" for r in rows):                    # held out as the file says
+            eval_rows, train_rows = [r for r in rows if r["split"] == "eval"][:cfg.eval_size], [r for r in rows if r["split"] == "train"]
+        else:                                                           # else the first eighth (at most --eval-size)
+            n_eval = min(cfg.eval_size, max(1, len(rows) // 8)) if len(rows) > 1 else 0
+            eval_rows, train_rows = rows[:n_eval], rows[n_eval:]
+        train_rows = train_rows or rows
         answered = [r for r in train_rows if r["answer"] is not None]
         gold = answered[:cfg.gold_size] if cfg.gold_size else None       # None: each step's own answered prompts
         if cfg.sft_coef > 0 and not answered:
@@ -1101,9 +1156,11 @@ def load_models_and_data(cfg: Config, device):
     else:
         task = MotifTask(eval_size=cfg.eval_size)
         data = {"eval": task.eval_set, "sample": task.sample, "gold": task.gold_set(cfg.gold_size) if cfg.gold_size else None}
-    own_format = check_pair(tok_s, tok_t, student, teacher, data["eval"] or [data["sample"](1, random.Random(0))[0]],
-                            cfg.max_new_tokens)
-    data["teacher_tok"] = tok_t if own_format else None         # the teacher reads prompts in its own chat format
+    context = read_context(cfg.teacher_context) if cfg.teacher_context else []
+    own = check_pair(tok_s, tok_t, student, teacher, data["eval"] or [data["sample"](1, random.Random(0))[0]],
+                     cfg.max_new_tokens, context)
+    # None: the teacher reads the student's prompt ids; else its own rendering, context first
+    data["teacher_prompts"] = (lambda texts: prompt_token_ids(tok_t, texts, context)) if own else None
     return student, teacher, tok_s, data
 
 

@@ -1183,6 +1183,100 @@ def test_teacher_scores_in_its_own_chat_format(real_pairs, tmp_path, monkeypatch
     assert checked == 12 and len(set(by_ids.values())) == 2
 
 
+def test_teacher_context_is_read_by_the_teacher_alone(real_pairs, tmp_path, monkeypatch, capsys):
+    """--teacher-context: the teacher's log-probs in the loop equal a direct forward of context +
+    prompt + response; the student's rollouts are sampled from the prompt alone."""
+    d, tok = real_pairs
+    s_path, t_path = _save_pair(tmp_path, tok, tok, scale=8.0)
+    ctx = [{"role": "user", "content": "bada zo"}, {"role": "assistant", "content": "kelo mi ruka"}]
+    (tmp_path / "ctx.json").write_text(json.dumps(ctx))
+    seen = _capture(monkeypatch)
+    opd.run_opd(_real_cfg(tmp_path, s_path, t_path, str(d / "prompts.jsonl"), teacher_context=str(tmp_path / "ctx.json")), "opd")
+    _, teacher = opd.load_pretrained(t_path, "cpu")
+    texts = sorted({json.loads(l)["prompt"] for l in (d / "prompts.jsonl").read_text().splitlines()})
+    by_ids = {tuple(opd.prompt_token_ids(tok, [t])[0]): t for t in texts}
+    checked = 0
+    for (ids, attn), (resp, terms) in zip(seen["prompts"], seen["terms"]):
+        _, lengths, _ = opd.response_mask(resp, tok.eos_token_id)
+        for i in range(resp.shape[0]):
+            text = by_ids[tuple(ids[i][attn[i].bool()].tolist())]      # the student saw the bare prompt
+            y = resp[i, :lengths[i]]
+            p = opd.prompt_token_ids(tok, [text], ctx)[0]
+            assert len(p) > len(opd.prompt_token_ids(tok, [text])[0]) + 5
+            with torch.no_grad():
+                logits = teacher(torch.tensor([p + y.tolist()])).logits[0, len(p) - 1:-1]
+            direct = F.log_softmax(logits.float(), -1).gather(-1, y[:, None]).squeeze(-1)
+            torch.testing.assert_close(terms["logp_teacher"][i, :lengths[i]], direct, atol=1e-4, rtol=1e-4)
+            checked += 1
+    assert checked == 12
+
+
+def test_teacher_context_file_errors(real_pairs, work, tmp_path):
+    d, _ = real_pairs
+    files = {"missing.json": None, "bad.json": "[{oops", "notlist.json": '{"role": "user", "content": "a"}',
+             "role.json": '[{"role": "robot", "content": "a"}]', "empty.json": "[]"}
+    for name, text in files.items():
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        cfg = _real_cfg(tmp_path, str(d / "llama" / "student"), str(d / "llama" / "teacher"), str(d / "prompts.jsonl"),
+                        teacher_context=str(tmp_path / name))
+        with pytest.raises(SystemExit) as e:
+            opd.load_models_and_data(cfg, torch.device("cpu"))
+        msg = str(e.value)
+        assert msg.startswith("error: ") and msg.count("\n") == 0 and name in msg, msg
+    (tmp_path / "ok.json").write_text('[{"role": "user", "content": "a"}]')
+    with pytest.raises(SystemExit, match="needs a teacher tokenizer with a chat template"):   # the word-level toy pair
+        opd.load_models_and_data(_tiny_cfg(work, teacher_context=str(tmp_path / "ok.json")), torch.device("cpu"))
+
+
+def test_accept_grader_and_held_out_split(tmp_path):
+    tok = opd.build_tokenizer()
+    ids = lambda text, stop=True: tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] * stop
+    row = {"prompt": "a b x 2 =", "answer": "a b a b", "accept": r"^a b( a b)*$"}
+    assert opd.is_correct(tok, ids("a b a b a b"), row)                    # the regex, not the exact answer
+    assert not opd.is_correct(tok, ids("a b a b a b", stop=False), row)    # a response must stop
+    assert not opd.is_correct(tok, ids("a c"), row)
+    assert opd.is_correct(tok, ids("a b a b"), {"prompt": "", "answer": "a b a b"})      # exact match without one
+    assert not opd.is_correct(tok, ids("a b a b a b"), {"prompt": "", "answer": "a b a b"})
+    lines = [{"prompt": f"p{i}", "answer": "x", "split": "eval" if i < 3 else "train"} for i in range(10)]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    rows = opd.read_prompts(str(tmp_path / "p.jsonl"))
+    assert [r["split"] for r in rows].count("eval") == 3 and rows[0]["accept"] is None
+    for bad, msg in [({"prompt": "a", "accept": "(unclosed"}, "not a regular expression"), ({"prompt": "a", "split": "test"}, '"split"')]:
+        (tmp_path / "bad.jsonl").write_text(json.dumps(bad) + "\n")
+        with pytest.raises(SystemExit, match=msg):
+            opd.read_prompts(str(tmp_path / "bad.jsonl"))
+
+
+def test_plurals_script_files_and_check(real_pairs, tmp_path, capsys):
+    """real/plurals.py, the real-model study's data: 128 held-out nouns apart from the training nouns
+    and the context's, a grader that takes the right plural in any wording and refuses a wrong one,
+    and the check table, run on a tiny local chat model."""
+    sys.path.insert(0, str(HERE / "real"))
+    try:
+        import plurals
+    finally:
+        sys.path.pop(0)
+    plurals.write_files(tmp_path)
+    rows = opd.read_prompts(str(tmp_path / "prompts.jsonl"))
+    held = [r for r in rows if r["split"] == "eval"]
+    words = [re.search(r'"(\w+)"', r["prompt"]).group(1) for r in rows]
+    assert len(held) == 128 and len(rows) - 128 >= 256 and len(set(words)) == len(words)
+    assert not set(words) & set(plurals.CONTEXT_NOUNS)
+    d, tok = real_pairs
+    say = lambda text: tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    for r, w in zip(rows, words):
+        p = plurals.plural(w)
+        assert opd.is_correct(tok, say(r["answer"]), r) and opd.is_correct(tok, say(f"The plural of {w} is {p}, always."), r)
+        assert not opd.is_correct(tok, say(f'The plural of "{w}" is "{p}x".'), r)
+        assert not opd.is_correct(tok, say(f'The word {w} is {w}{w}.'), r) or w == p
+    assert plurals.plural("mouse") == "mice" and plurals.plural("baby") == "babies" and plurals.plural("bus") == "buses"
+    assert opd.read_context(str(tmp_path / "context.json"))[1]["content"] == 'The plural of "fox" is "foxes".'
+    plurals.check(str(d / "llama" / "student"), tmp_path, max_new_tokens=3)
+    out = capsys.readouterr().out
+    assert "| bare |" in out and "| worked examples first |" in out
+
+
 def test_pad_is_eos_keeps_the_stop_in_the_loss(tmp_path, monkeypatch):
     """pad_token == eos_token (the default of several small models): every position after the
     stop holds the EOS id too. The stopping EOS is in the mask and carries loss; nothing after it does."""

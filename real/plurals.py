@@ -1,0 +1,110 @@
+"""The real-model study's data: "What is the plural of "X"?" for a chat model, a teacher context of
+worked examples, and a check of how much the context helps the model (tutorial, section 6).
+
+    python real/plurals.py files real/data                  # prompts.jsonl (128 nouns held out), context.json
+    python real/plurals.py check MODEL real/data            # the model bare and with the context, greedy and T=1
+
+MODEL is a .gguf file, a save_pretrained folder or a hub id (anything opd.load_pretrained takes).
+The teacher is MODEL with the context; the student is MODEL without it (on-policy context
+distillation). A response is correct when it stops and the first word after " is " is the
+plural asked for ("accept" regex per row); the "answer" field, the reference sentence in the
+context's style, serves Stable-OPD's SFT term.
+"""
+import json
+import random
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import opd  # noqa: E402
+
+# worked examples the teacher reads before every prompt (as earlier chat turns); never asked
+CONTEXT_NOUNS = {"fox": "foxes", "city": "cities", "knife": "knives", "lamp": "lamps"}
+IRREGULAR = dict(child="children", man="men", woman="women", mouse="mice", tooth="teeth", foot="feet", goose="geese",
+                 person="people", leaf="leaves", wife="wives", wolf="wolves", shelf="shelves", half="halves",
+                 calf="calves", loaf="loaves", thief="thieves", life="lives", elf="elves", potato="potatoes",
+                 tomato="tomatoes", hero="heroes", echo="echoes", sheep="sheep", ox="oxen", crisis="crises")
+NOUNS = """cat dog house car tree book apple bird chair table door window river bed clock phone road bridge ship
+boat train plane horse cow duck frog snake lion tiger bear rabbit flower garden school teacher student doctor farmer
+king queen friend sister brother mother father girl egg star moon cloud hill lake island bottle plate spoon fork bell
+ring coin map card letter song game ball kite drum wall floor room kitchen desk pencil paper page word name idea
+question answer problem number line circle square shirt coat skirt glove boot cake cookie orange banana lemon grape
+pear onion carrot bean nut seed farm field forest mountain ocean wave shore stone rock shell tent camp village town
+street park market shop bank office machine engine wheel tire truck bike rocket planet lesson test grade prize gift
+doll puzzle candle mirror picture frame curtain pillow blanket towel bucket basket ladder hammer nail tool rope chain
+button pocket wallet ticket envelope stamp parcel cup mug kettle oven sink shower fence gate path hole pond root worm
+bee ant spider eagle owl parrot whale shark dolphin crab turtle camel zebra giraffe elephant goat pig chicken kitten
+airport apron arm artist baker balloon band barn beard belt blade board bone bowl brick broom bubble bug building
+cabin cable camera canal cap captain carpet castle cave chip cliff coast collar comb cook corner cousin crown cushion
+dancer diamond dragon drawer driver eye feather finger flag garage ghost goal guitar hand head helmet hook horn hotel
+insect jacket jar jewel kid knee label lamb leg lid lip lock magnet meal melon minute monster motor mouth nest needle
+net nose note nurse painter pan parent pearl pen pet pilot pin pipe pirate pizza player poem pot pump rat ribbon robot
+rug ruler sail sailor sandal saucer seat shadow sheet shoe shoulder signal singer skate slipper snail sock soldier
+squirrel statue stick stool storm stove string swan sweater sword tail tank thumb toe tower track trumpet tunnel uncle
+umbrella vase violin wagon wing wizard yard photo zoo radio video kangaroo piano
+box bus dish church glass watch brush class wish beach peach bench lunch match kiss dress witch torch sandwich inch
+branch coach tax bush boss address princess
+baby lady story party country cherry berry puppy pony family library army body butterfly dictionary diary fairy
+factory fly hobby lily penny spy strawberry enemy memory battery bakery candy daisy
+boy toy day key monkey donkey valley turkey tray journey chimney holiday birthday highway kidney trolley
+""".split() + list(IRREGULAR)
+
+
+def plural(word: str) -> str:
+    if word in IRREGULAR:
+        return IRREGULAR[word]
+    if word.endswith("y") and word[-2] not in "aeiou":
+        return word[:-1] + "ies"
+    return word + "es" if word.endswith(("s", "x", "z", "ch", "sh")) else word + "s"
+
+
+def row(word: str, split: str) -> dict:
+    """A prompt, its reference sentence in the context's style, and the grader: the first word
+    after " is " (quotes allowed) must be the plural."""
+    p = plural(word)
+    return {"prompt": f'What is the plural of "{word}"?', "answer": f'The plural of "{word}" is "{p}".',
+            "accept": rf'(?s)^(?:(?! is ).)* is "?{re.escape(p)}(?![A-Za-z])', "split": split}
+
+
+def context() -> list[dict]:
+    msgs = []
+    for w, p in CONTEXT_NOUNS.items():
+        msgs += [{"role": "user", "content": f'What is the plural of "{w}"?'},
+                 {"role": "assistant", "content": f'The plural of "{w}" is "{p}".'}]
+    return msgs
+
+
+def write_files(out: Path, n_eval: int = 128, seed: int = 0):
+    words = [w for w in dict.fromkeys(NOUNS) if w not in CONTEXT_NOUNS]
+    random.Random(seed).shuffle(words)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [row(w, "eval") for w in words[:n_eval]] + [row(w, "train") for w in words[n_eval:]]
+    (out / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "context.json").write_text(json.dumps(context(), indent=1) + "\n")
+    print(f"{out}/prompts.jsonl: {n_eval} held-out nouns, {len(words) - n_eval} for training; {out}/context.json: "
+          f"{len(CONTEXT_NOUNS)} worked examples")
+
+
+def check(model_path: str, data: Path, max_new_tokens: int = 40, threads: int = 1):
+    """The model on the held-out nouns, bare and after the context: greedy and at temperature 1."""
+    opd.torch.set_num_threads(threads)
+    tok, model = opd.load_pretrained(model_path, "cpu")
+    held = [r for r in opd.read_prompts(str(data / "prompts.jsonl")) if r["split"] == "eval"]
+    ctx = opd.read_context(str(data / "context.json"))
+    print("| prompt | greedy acc | greedy length | greedy trunc | T=1 acc |")
+    print("|---|---|---|---|---|")
+    for name, c in (("bare", ()), ("worked examples first", ctx)):
+        ev = opd.evaluate(model, tok, held, max_new_tokens, batch_size=32, generator=opd.torch.Generator().manual_seed(0),
+                          context=c)
+        print(f"| {name} | {ev['accuracy']:.2f} | {ev['len_mean']:.1f} | {ev['trunc_rate']:.2f} | {ev['accuracy_sampled']:.2f} |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "files":
+        write_files(Path(sys.argv[2]))
+    elif len(sys.argv) == 4 and sys.argv[1] == "check":
+        check(sys.argv[2], Path(sys.argv[3]))
+    else:
+        raise SystemExit(__doc__)

@@ -109,6 +109,8 @@ class Config:
     gold_size: int = _f(256, "reference solutions in the fixed gold set (the student's warm-up, --sft-coef): complete "
                              "solutions are scarce where OPD is used; 0: each step's own prompts' answers")
     pretrain_lr: float = _f(3e-3, "AdamW lr for building the pair (small models, short schedules)")
+    pair_seed: int = _f(0, "seed of the default pair's build (initial weights and data order); 0 with the default "
+                           "settings is the shipped pair (pair/), any other builds an independent pair into --cache-dir")
     # --- OPD
     steps: int = _f(400, "OPD updates per run: a learning phase, then room for the collapse (tutorial, section 4)")
     batch_size: int = _f(128, "prompts per step, one rollout each")
@@ -406,25 +408,41 @@ def loop_eos_profile(model, tokenizer, examples, depths=range(-1, 6)) -> dict:
     return out
 
 
-# The weights of a build depend on the thread count (the order of floating-point reductions),
-# so it is fixed per role.
-BUILD_THREADS = {"teacher": 2, "student": 1}
+# A build's weights depend on the thread count (the order of floating-point reductions) and on
+# the CPU's instruction set: builds run on one thread, and the default pair ships in pair/, so
+# every machine starts from the same weights.
+BUILD_THREADS = 1
+SHIPPED = Path(__file__).resolve().parent / "pair"
+
+
+def build_settings(cfg: Config, role: str) -> dict:
+    """Every setting one model of the default pair depends on (its cache key is their hash)."""
+    build = {k: getattr(cfg, f"{role}_{k}") for k in ("layers", "width", "steps", "free_frac")}
+    build.update(role=role, lr=cfg.pretrain_lr, task_version=2, threads=BUILD_THREADS, pair_seed=cfg.pair_seed)
+    build.update(overrun_frac=cfg.teacher_overrun_frac) if role == "teacher" else build.update(gold_size=cfg.gold_size)
+    return build
 
 
 def model_key(cfg: Config, role: str) -> str:
-    """Cache key of one model of the default pair: every setting its build depends on."""
-    build = {k: getattr(cfg, f"{role}_{k}") for k in ("layers", "width", "steps", "free_frac")}
-    build.update(role=role, lr=cfg.pretrain_lr, task_version=2, threads=BUILD_THREADS[role])
-    build.update(overrun_frac=cfg.teacher_overrun_frac) if role == "teacher" else build.update(gold_size=cfg.gold_size)
-    return hashlib.sha1(json.dumps(build, sort_keys=True).encode()).hexdigest()[:10]
+    return hashlib.sha1(json.dumps(build_settings(cfg, role), sort_keys=True).encode()).hexdigest()[:10]
+
+
+def default_pair(cfg: Config) -> tuple[str, str]:
+    """Folders of the default teacher and student: the shipped ones (pair/) when the build settings
+    are those it was built with, else build_default_pair()'s, in --cache-dir."""
+    shipped = [SHIPPED / role for role in ("teacher", "student")]
+    if all((d / "build.json").exists() and json.loads((d / "build.json").read_text()).get("key") == model_key(cfg, d.name)
+           for d in shipped):
+        return str(shipped[0]), str(shipped[1])
+    return build_default_pair(cfg)
 
 
 def build_default_pair(cfg: Config) -> tuple[str, str]:
     """Train the default teacher and student once each and save them with save_pretrained.
 
-    Each folder is keyed by its build configuration, so a second run reuses it and a changed
-    configuration rebuilds only the model it changes. Runs then load them back with
-    from_pretrained, the path a user's hub model takes.
+    Each folder is keyed by its build settings, so a second run reuses it and a changed setting
+    rebuilds only the model it changes. Runs then load them back with from_pretrained, the path a
+    user's hub model takes. build.json records the settings and the model's held-out figures.
     """
     paths = []
     for role in ("teacher", "student"):
@@ -432,11 +450,11 @@ def build_default_pair(cfg: Config) -> tuple[str, str]:
         paths.append(str(d))
         if (d / "DONE").exists():
             continue
-        print(f"[build] no cached {role} at {d}; training it (teacher ~2 min, student ~20 s on 2 CPU cores)", flush=True)
+        print(f"[build] no cached {role} at {d}; training it (teacher ~3 min, student ~30 s on one CPU core)", flush=True)
         t0, threads = time.time(), torch.get_num_threads()
-        seed = {"teacher": 0, "student": 1}[role]
+        seed = {"teacher": 0, "student": 1}[role] + 2 * cfg.pair_seed
         torch.manual_seed(seed)
-        torch.set_num_threads(BUILD_THREADS[role])        # the same weights on every machine of this kind
+        torch.set_num_threads(BUILD_THREADS)
         tokenizer, task = build_tokenizer(), MotifTask()
         model = make_model(tokenizer, getattr(cfg, f"{role}_layers"), getattr(cfg, f"{role}_width"))
         train_supervised(model, tokenizer, pretraining_mix(task, cfg, role), getattr(cfg, f"{role}_steps"),
@@ -447,7 +465,8 @@ def build_default_pair(cfg: Config) -> tuple[str, str]:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         ev = evaluate(model, tokenizer, task.eval_set, cfg.max_new_tokens, generator=torch.Generator().manual_seed(0))
-        info = {"role": role, "build_s": round(time.time() - t0, 1), "params": sum(p.numel() for p in model.parameters()),
+        info = {"role": role, "key": model_key(cfg, role), "settings": build_settings(cfg, role),
+                "build_s": round(time.time() - t0, 1), "params": sum(p.numel() for p in model.parameters()),
                 "accuracy": ev["accuracy"], "accuracy_sampled": ev["accuracy_sampled"],
                 "p_eos_by_depth": loop_eos_profile(model, tokenizer, task.eval_set)}
         (tmp / "build.json").write_text(json.dumps(info, indent=1))
@@ -1132,7 +1151,7 @@ def read_prompts(path: str) -> list[dict]:
 
 def load_models_and_data(cfg: Config, device):
     """Student, frozen teacher, tokenizer and the prompt source, all through from_pretrained."""
-    t_path, s_path = (cfg.teacher, cfg.student) if cfg.teacher else build_default_pair(cfg)
+    t_path, s_path = (cfg.teacher, cfg.student) if cfg.teacher else default_pair(cfg)
     # The student keeps float32 master weights: bf16 weights would round away updates of
     # lr ~1e-6. The frozen teacher needs no updates, so bf16 halves its memory on a GPU.
     tok_s, student = load_pretrained(s_path, device, torch.float32)

@@ -101,7 +101,7 @@ FLAGS=(--teacher "$WORK/teacher" --student "$WORK/student" --prompts "$WORK/prom
 echo "python3 opd.py ${FLAGS[*]}" | tee "$OUT/run.log"
 if "$PY" -c "import matplotlib" 2>/dev/null; then RUN=("$PY" opd.py)
 else   # only the study's figures need matplotlib: the same flags, in-process, without them
-  RUN=("$PY" -c "import sys, opd; c = opd.parse_config(sys.argv[1:]); opd.run_opd(opd.config_for(c, 'opd', c.seed), 'opd')")
+  RUN=("$PY" -c "import sys, opd; c, g = opd.parse_config(sys.argv[1:]); opd.run_opd(opd.config_for(c, 'opd', c.seed, g), 'opd')")
   echo "[check] no matplotlib here: running opd.run_opd() with the same flags, without the study's figures" | tee -a "$OUT/run.log"
 fi
 timeout $(( 330 - $(elapsed) )) "${RUN[@]}" "${FLAGS[@]}" 2>&1 | tee -a "$OUT/run.log"
@@ -132,7 +132,7 @@ per_step = []
 for r in train:
     tokens = r["rollout/len_mean"] * cfg.get("batch_size", 0)         # response tokens of the step (EOS included)
     per_step.append({"step": r["step"], "tokens": tokens, "trunc_rate": r["rollout/trunc_rate"],
-                     **{f"{k}_s": r[f"time/{k}_s"] for k in ("rollout", "teacher", "update", "eval")},
+                     **{f"{k}_s": r.get(f"time/{k}_s", 0.0) for k in ("rollout", "teacher", "update", "eval")},
                      **{f"{k}_tok_per_s": tokens / max(r[f"time/{k}_s"], 1e-9) for k in ("rollout", "teacher", "update")}})
 steady = per_step[1:] or per_step                                     # step 0 pays one-off CUDA start-up costs
 mean = {k: sum(s[k] for s in steady) / len(steady) for k in ("rollout_tok_per_s", "teacher_tok_per_s", "update_tok_per_s",

@@ -97,7 +97,8 @@ class Config:
                         neutral=True)
     teacher_layers: int = _f(2, "two layers: enough to count motif repeats reliably")
     teacher_width: int = _f(128, "hidden size of the teacher")
-    teacher_steps: int = _f(800, "supervised steps of the teacher's build")
+    teacher_steps: int = _f(2400, "supervised steps of the teacher's build: long enough for its stop and loop habits "
+                                  "to settle, so that independent builds agree")
     teacher_free_frac: float = _f(0.5, "share of the teacher's training that is free repetition text (no count, no "
                                        "EOS): the habit of continuing a pattern that a pretrained LM has")
     teacher_overrun_frac: float = _f(0.15, "share of over-run text: counted prompts whose text runs on past k repeats "
@@ -112,16 +113,17 @@ class Config:
     pair_seed: int = _f(0, "seed of the default pair's build (initial weights and data order); 0 with the default "
                            "settings is the shipped pair (pair/), any other builds an independent pair into --cache-dir")
     # --- OPD
-    steps: int = _f(400, "OPD updates per run: a learning phase, then room for the collapse (tutorial, section 4)")
+    steps: int = _f(300, "OPD updates per run: a learning phase, then room for the collapse (tutorial, section 4)")
     batch_size: int = _f(128, "prompts per step, one rollout each")
-    lr: float = _f(1e-3, "AdamW lr for OPD, large for a small model and a short run")
+    lr: float = _f(1.5e-3, "AdamW peak lr for OPD, large for a small model and a short run")
     temperature: float = _f(1.0, "sampling AND loss temperature; they must match for on-policy samples")
     max_new_tokens: int = _f(48, "length budget: 2.4x the longest correct answer (20 tokens)")
     objective: str = _f("sampled", "'sampled': A_t = log p_T(y_t) - log p_S(y_t), loss -A_t log p_S(y_t); "
                                    "'full': KL(p_S||p_T) over the vocabulary")
     loss_agg: str = _f("token-mean", "verl's names: token-mean | seq-mean-token-mean | seq-mean-token-sum | "
                                      "seq-mean-token-sum-norm")
-    warmup: int = _f(50, "linear lr warm-up steps: the first updates, on the largest KL, are the most violent")
+    warmup: int = _f(150, "linear lr warm-up steps: the student learns while the lr is small, and the feedback of the "
+                          "loops builds up once it is large")
     decay: float = _f(0.1, "share of the steps, at the end, with the lr decaying linearly to 0 (warmup-stable-decay), "
                            "so a run's final accuracy is read on a settled student, not on one noisy step")
     grad_clip: float = _f(1.0, "global grad-norm clip, as in most RL fine-tuning recipes")
@@ -146,7 +148,7 @@ class Config:
     alert_max_len: int = _f(0, "alert when a rollout is longer than this (the starter's check); 0: off, one long "
                                "rollout is noise")
     alert_trunc: float = _f(0.2, "alert when the truncation rate exceeds this")
-    alert_rep: float = _f(0.01, "alert when the repetition rate exceeds this: more than 1 looping rollout in 128")
+    alert_rep: float = _f(0.02, "alert when the repetition rate exceeds this: 3 or more looping rollouts in 128")
     alert_growth: float = _f(0.4, "alert when mean length exceeds its EMA by this fraction")
     alert_patience: int = _f(2, "an alert fires once its condition held this many consecutive steps: one noisy "
                                 "batch is not an alarm")
@@ -358,10 +360,18 @@ def sft_nll(model, tokenizer, examples, device="cpu"):
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
 
 
+def lr_factor(step: int, steps: int, warmup: int, decay: float, floor: float = 0.0) -> float:
+    """Warmup-stable-decay: linear warm-up over `warmup` steps, constant, then a linear decay to
+    `floor` over the last `decay` share of the steps (OPD: the last 10% to 0; the pair's build:
+    the whole run, to 5%)."""
+    return min(1.0, (step + 1) / max(warmup, 1)) * max(floor, min(1.0, (steps - step) / max(round(decay * steps), 1)))
+
+
 def train_supervised(model, tokenizer, draw, steps, lr, rng, name, device="cpu", batch_size=64):
-    """Plain SFT on batches from `draw(n, rng)` (a list of examples); progress printed as it goes."""
+    """Plain SFT on batches from `draw(n, rng)` (a list of examples); progress printed as it goes.
+    The lr warms up over 50 steps, then decays linearly over the whole run to 5% (lr_factor)."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * max(0.05, 1 - s / steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, 50, 1.0, floor=0.05))
     t0 = time.time()
     for step in range(steps):
         loss = sft_nll(model, tokenizer, draw(batch_size, rng), device)
@@ -418,7 +428,7 @@ SHIPPED = Path(__file__).resolve().parent / "pair"
 def build_settings(cfg: Config, role: str) -> dict:
     """Every setting one model of the default pair depends on (its cache key is their hash)."""
     build = {k: getattr(cfg, f"{role}_{k}") for k in ("layers", "width", "steps", "free_frac")}
-    build.update(role=role, lr=cfg.pretrain_lr, task_version=2, threads=BUILD_THREADS, pair_seed=cfg.pair_seed)
+    build.update(role=role, lr=cfg.pretrain_lr, task_version=3, threads=BUILD_THREADS, pair_seed=cfg.pair_seed)
     build.update(overrun_frac=cfg.teacher_overrun_frac) if role == "teacher" else build.update(gold_size=cfg.gold_size)
     return build
 
@@ -450,7 +460,7 @@ def build_default_pair(cfg: Config) -> tuple[str, str]:
         paths.append(str(d))
         if (d / "DONE").exists():
             continue
-        print(f"[build] no cached {role} at {d}; training it (teacher ~3 min, student ~30 s on one CPU core)", flush=True)
+        print(f"[build] no cached {role} at {d}; training it (teacher ~7 min, student ~30 s on one CPU core)", flush=True)
         t0, threads = time.time(), torch.get_num_threads()
         seed = {"teacher": 0, "student": 1}[role] + 2 * cfg.pair_seed
         torch.manual_seed(seed)
@@ -538,7 +548,7 @@ class LengthMonitor:
     noisy batch is not an alarm. `update` returns the stats plus 'alert/<name>' = 1 for new alerts.
     """
 
-    def __init__(self, eos_id: int, max_len: int, max_len_alert: int = 0, trunc: float = 0.2, rep: float = 0.01,
+    def __init__(self, eos_id: int, max_len: int, max_len_alert: int = 0, trunc: float = 0.2, rep: float = 0.02,
                  growth: float = 0.4, ema: float = 0.9, warmup: int = 3, window: int = 24, tau: float = 3.0,
                  patience: int = 2):
         self.eos_id, self.max_len, self.window, self.tau = eos_id, max_len, window, tau
@@ -778,12 +788,6 @@ METRIC_KEYS = [  # documented in the tutorial, section 3; a test checks every ru
     "eval/accuracy", "eval/len_mean", "eval/len_max", "eval/trunc_rate", "eval/rep_rate", "eval/ngram_rep",
     "eval/accuracy_sampled", "rollout/accuracy", "time/rollout_s", "time/teacher_s", "time/update_s", "time/eval_s",
     "time/tokens_per_s"]
-
-
-def lr_factor(step: int, steps: int, warmup: int, decay: float) -> float:
-    """Warmup-stable-decay: linear warm-up over `warmup` steps, constant, then a linear decay to 0
-    over the last `decay` share of the steps."""
-    return min(1.0, (step + 1) / max(warmup, 1), (steps - step) / max(round(decay * steps), 1))
 
 
 def run_opd(cfg: Config, method: str = "opd"):

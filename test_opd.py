@@ -309,9 +309,9 @@ def _batch_with_loops(rnd, n_loops, batch=128, max_len=48):
     return ok + loops
 
 
-@given(st.integers(0, 1), st.integers(0, 99))
+@given(st.integers(0, 2), st.integers(0, 99))
 def test_repetition_alert_quiet_on_stationary_batches(n_loops, seed):
-    """One looping rollout in 128 now and then is the healthy noise floor: no alert, however long."""
+    """One or two looping rollouts in 128 now and then are the healthy noise floor: no alert, however long."""
     rnd = random.Random(seed)
     mon = opd.LengthMonitor(eos_id=2, max_len=48)
     for step in range(60):
@@ -322,13 +322,13 @@ def test_repetition_alert_quiet_on_stationary_batches(n_loops, seed):
 @given(st.integers(10, 40), st.floats(0.5, 4.0), st.integers(0, 99))
 def test_repetition_alert_fires_once_within_steps_of_a_planted_trend(onset, per_step, seed):
     """Loops planted from `onset` on, growing by `per_step` rollouts per step: the alert fires
-    within patience + 2 steps of the share first exceeding the 1% threshold, and only once."""
+    within patience + 2 steps of the share first exceeding the threshold, and only once."""
     rnd = random.Random(seed)
     mon = opd.LengthMonitor(eos_id=2, max_len=48)
     fired, crossed = [], None
     for step in range(onset + 40):
         n = 0 if step < onset else min(128, int(per_step * (step - onset + 1)))
-        if crossed is None and n / 128 > 0.01:
+        if crossed is None and n / 128 > mon.thresholds["rep_rate"]:
             crossed = step
         out = mon.update(_batch_with_loops(rnd, n), step)
         fired += [step] if out.get("alert/rep_rate") else []
@@ -534,6 +534,34 @@ def test_lr_factor_is_warmup_stable_decay(steps, warmup, decay):
     assert all(a >= b - 1e-12 for a, b in zip(f[down:], f[down + 1:]))           # falling in the decay
     assert f[-1] <= 1 / max(d, 1) + 1e-12 if d else f[-1] == min(1.0, steps / max(warmup, 1))
 
+
+
+def test_shipped_pair_matches_its_recorded_checksums():
+    """pair/SHA256SUMS (sha256sum's format) lists every shipped file and its SHA-256."""
+    import hashlib
+    d = HERE / "pair"
+    listed = dict(reversed(line.split("  ", 1)) for line in (d / "SHA256SUMS").read_text().splitlines())
+    files = {str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and p.name != "SHA256SUMS"}
+    assert set(listed) == files and {"teacher/model.safetensors", "student/build.json"} <= files
+    for name, digest in listed.items():
+        assert hashlib.sha256((d / name).read_bytes()).hexdigest() == digest, name
+
+
+def test_default_settings_load_the_shipped_pair_and_its_recorded_accuracy():
+    """With the default settings, the default pair is the shipped one (no build), and each model gives
+    the held-out greedy accuracy its build.json records, within 3 of MotifTask's 128 prompts: greedy
+    decoding changes only where two tokens tie to within rounding, and evaluating the same weights in
+    float64 instead of float32 moved it by at most 1 prompt (tutorial, section 2)."""
+    cfg = opd.Config()
+    assert opd.default_pair(cfg) == (str(HERE / "pair" / "teacher"), str(HERE / "pair" / "student"))
+    assert opd.model_key(opd.Config(pair_seed=1), "teacher") != opd.model_key(cfg, "teacher")
+    task = opd.MotifTask()
+    for path in opd.default_pair(cfg):
+        info = json.loads((Path(path) / "build.json").read_text())
+        assert info["key"] == opd.model_key(cfg, info["role"]) and info["settings"] == opd.build_settings(cfg, info["role"])
+        tok, model = opd.load_pretrained(path, "cpu")
+        acc = opd.evaluate(model, tok, task.eval_set, cfg.max_new_tokens)["accuracy"]
+        assert abs(acc - info["accuracy"]) <= 3 / 128, (path, acc, info["accuracy"])
 
 
 def test_tokenizer_and_model_roundtrip(tmp_path):

@@ -83,8 +83,8 @@ class Config:
                         neutral=True)
     replot: bool = _f(False, "train nothing: redraw the table and figures from the run folders in --out-dir", neutral=True)
     device: str = _f("cpu", "'cpu' or 'cuda'; the default pair is small enough for a CPU")
-    workers: int = _f(0, "parallel processes for the study; 0: one per CPU core, at most one per run (each with "
-                         "--threads 1: small models use one core well)", neutral=True)
+    workers: int = _f(0, "parallel processes for the study; 0: one per CPU core, at most one per run, each with "
+                         "--threads 1 (small models use one core well); with --teacher, 0 means one process", neutral=True)
     threads: int = _f(1, "torch threads per process (set on purpose: the thread count changes the last bits)")
     # --- model pair (empty paths: the default pair of section 2)
     teacher: str = _f("", "teacher folder, .gguf file (needs gguf + accelerate) or hub id; empty: the default teacher")
@@ -1373,6 +1373,7 @@ def validate_config(cfg: Config) -> None:
         ("methods", bool(methods) and all(m in METHODS for m in methods), "'all' or a comma-separated list of " + ", ".join(METHODS)),
         ("seeds", cfg.seeds >= 1, ">= 1"),
         ("seed", cfg.seed >= 0, ">= 0"),
+        ("pair_seed", cfg.pair_seed >= 0, ">= 0"),
         ("run_name", not cfg.run_name or len(methods) * cfg.seeds == 1,
          f"empty for a command that makes {len(methods) * cfg.seeds} runs (--methods x --seeds): each run needs a folder of its own"),
         ("device", re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device) is not None, "'cpu', 'cuda' or 'cuda:N'"),
@@ -1463,8 +1464,9 @@ def run_study(base: Config, given=frozenset()):
     if not base.replot:
         jobs = [(config_for(base, m, s, given), m) for m, s in runs]
         load_models_and_data(base, torch.device(base.device))      # build or check the pair once, before any worker
-        t0, workers = time.time(), study_workers(base, len(jobs))
-        if workers > 1 and not base.teacher:                       # real models: one process, they fill the device
+        t0 = time.time()        # real models fill a device: one process unless --workers asks for more
+        workers = study_workers(base, len(jobs)) if base.workers or not base.teacher else 1
+        if workers > 1:
             import multiprocessing as mp
             print(f"[study] {len(jobs)} runs in {workers} processes of {base.threads} thread(s) each", flush=True)
             with mp.get_context("spawn").Pool(workers) as pool:

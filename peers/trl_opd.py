@@ -100,7 +100,8 @@ class GuardCallback(TrainerCallback):
 # --- end of the recipe
 
 
-def opd_args(output_dir, steps=400, batch_size=128, max_new_tokens=48, temperature=1.0, lr=1e-3, seed=0,
+def opd_args(output_dir, steps=opd.Config.steps, batch_size=opd.Config.batch_size,
+             max_new_tokens=opd.Config.max_new_tokens, temperature=opd.Config.temperature, lr=opd.Config.lr, seed=0,
              processes=1) -> DistillationConfig:
     """TRL settings of opd.py's loop: batch_size prompts a step over all processes, one completion each,
     all on-policy, pure sampling at the loss's temperature (no top-k, top-p or min-p), reverse KL over

@@ -1536,7 +1536,7 @@ TABLE_COLS = ["acc_step0", "acc_peak", "acc_final", "acc_sampled_step0", "acc_sa
               "trunc_rate_max", "rep_rate_max", "len_mean_max"]
 
 
-def write_results(rows, out: Path):
+def write_results(rows, out: Path, source: str = "`python opd.py`"):
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -1547,7 +1547,7 @@ def write_results(rows, out: Path):
         rs = [r for r in rows if r["method"] == m]
         cell = lambda c: f"{sum(r[c] for r in rs) / len(rs):.2f} ± {_std([r[c] for r in rs]):.2f}"
         lines.append(f"| {m} | {len(rs)} | " + " | ".join(cell(c) for c in TABLE_COLS) + " |")
-    (out / "results.md").write_text("Mean ± standard deviation over seeds (`python opd.py`).\n\n" + "\n".join(lines) + "\n")
+    (out / "results.md").write_text(f"Mean ± standard deviation over seeds ({source}).\n\n" + "\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
 
 
@@ -1661,8 +1661,9 @@ PANELS = {"eval/accuracy": ("held-out accuracy, greedy", "exact match"),
           "rollout/rep_rate": ("repetition rate of the rollouts", "share of rollouts")}
 
 
-def plot_study(results, out: Path):
-    """The study's figures from [(method, seed, rows)], rows as read from each run's metrics.jsonl."""
+def plot_study(results, out: Path, head=None, colors=None):
+    """The study's figures from [(method, seed, rows)], rows as read from each run's metrics.jsonl;
+    `head`: the methods of Fig. 1 (default: opd, stable-opd, sft-only); `colors`: extra method colours."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1695,13 +1696,13 @@ def plot_study(results, out: Path):
     by_method = {}
     for m, s, rows in results:
         by_method.setdefault(m, []).append((s, rows))
-    color = lambda m: METHOD_COLORS.get(m, "#555555")
+    color = lambda m: {**METHOD_COLORS, **(colors or {})}.get(m, "#555555")
     takeoffs = {m: [first_step(rows, "rollout/trunc_rate", TAKEOFF) for _, rows in runs] for m, runs in by_method.items()}
     out.mkdir(parents=True, exist_ok=True)
     n_seeds = max(len(r) for r in by_method.values())
 
     # Fig. 1, the headline: plain OPD against Stable-OPD and the SFT control
-    head = [m for m in ("opd", "stable-opd", "sft-only") if m in by_method] or list(by_method)[:3]
+    head = head or [m for m in ("opd", "stable-opd", "sft-only") if m in by_method] or list(by_method)[:3]
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
     for ax, (key, (title, ylabel)) in zip(axes.ravel(), PANELS.items()):
         for m in head:

@@ -6,6 +6,7 @@ own trainer on opd.py's default pair, with the settings of opd.py's loop (tutori
     python peers/trl_opd.py --method trl-guard --seed 0      # the same + the guard (GuardCallback)
     OMP_NUM_THREADS=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \\
         --dynamo_backend no peers/trl_opd.py --method trl-stable --steps 4 --batch-size 16      # two CPU processes
+    python peers/trl_opd.py --report plots/peers runs-trl/trl-s0 runs-all/full-vocab-s0 ...  # table and figures
 
 Each run writes <out-dir>/<method>-s<seed>/metrics.jsonl in opd.py's format (opd.summarize reads it):
 the monitor's rollout/* figures every step and opd.evaluate's held-out accuracy every --eval-every steps.
@@ -157,6 +158,23 @@ class MetricsLog(TrainerCallback):
         self.write({"step": state.global_step, **self.held_out()})
 
 
+PEER_COLORS = {"trl": "#ff7f0e", "trl-stable": "#17becf", "trl-guard": "#9467bd",
+               "opd.py full-vocab": "#8c564b", "opd.py stable-opd": "#2ca02c"}
+
+
+def peer_report(out, folders):
+    """The peer check's table (results.md, results.csv) and figures from run folders <method>-s<seed>:
+    TRL's runs under their own names, opd.py's prefixed "opd.py"."""
+    results = []
+    for folder in map(Path, folders):
+        m, s = folder.name.rsplit("-s", 1)
+        results.append((m if m.startswith("trl") else f"opd.py {m}", int(s), opd.read_metrics(folder / "metrics.jsonl")))
+    opd.write_results([opd.summarize(m, s, rows) for m, s, rows in results], Path(out),
+                      "`python peers/trl_opd.py --report`, from the run folders of each method")
+    opd.plot_study(results, Path(out), head=[m for m in PEER_COLORS if m != "trl-guard" and any(r[0] == m for r in results)],
+                   colors=PEER_COLORS)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--method", choices=["trl", "trl-stable", "trl-guard"], default="trl")
@@ -165,7 +183,11 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=opd.Config.batch_size)
     p.add_argument("--out-dir", default="runs-trl")
     p.add_argument("--eval-every", type=int, default=opd.Config.eval_every)
+    p.add_argument("--report", nargs="+", metavar=("OUT", "RUN_FOLDER"),
+                   help="train nothing: write the peer table and figures into OUT from the run folders given")
     a = p.parse_args(argv)
+    if a.report:
+        return peer_report(a.report[0], a.report[1:])
     torch.set_num_threads(1)
     cfg = opd.Config(seed=a.seed, steps=a.steps, batch_size=a.batch_size)
     from datasets import Dataset

@@ -679,13 +679,13 @@ def test_replot_redraws_from_the_run_folders(work, tmp_path):
     assert r.returncode != 0 and "no run at" in r.stderr and "opd-s1" in r.stderr
 
 
-def test_cache_reused_and_rebuilt_on_change(work):
-    r = cli(*TINY, "--methods", "opd", "--seeds", "1", "--steps", "1", "--cache-dir", str(work / "cache"),
-            "--out-dir", str(work / "runs2"), "--plots-dir", str(work / "p2"))
-    assert "[build]" not in r.stdout
-    r = cli(*TINY, "--student-steps", "6", "--methods", "opd", "--seeds", "1", "--steps", "1", "--cache-dir",
-            str(work / "cache"), "--out-dir", str(work / "runs2"), "--plots-dir", str(work / "p2"))
-    assert "no cached student" in r.stdout and "no cached teacher" not in r.stdout
+def test_cache_reused_and_rebuilt_on_change(work, capsys):
+    cfg = _tiny_cfg(work)
+    opd.load_models_and_data(cfg, torch.device("cpu"))                   # the session's pair, built once
+    assert "[build]" not in capsys.readouterr().out
+    opd.load_models_and_data(opd.dataclasses.replace(cfg, student_steps=6), torch.device("cpu"))
+    out = capsys.readouterr().out
+    assert "no cached student" in out and "no cached teacher" not in out
 
 
 def _tiny_cfg(work, method="opd", seed=0, **overrides):
@@ -842,9 +842,12 @@ def test_prompt_file_errors(work, tmp_path):
     (tmp_path / "noprompt.jsonl").write_text('{"question": "a"}\n')
     for name, msg in [("empty", "holds no prompts"), ("bad", "bad.jsonl:2 is not valid JSON"),
                       ("noprompt", 'no string "prompt"'), ("missing", "does not exist")]:
-        r = cli(*TINY, "--prompts", str(tmp_path / f"{name}.jsonl"), "--cache-dir", str(work / "cache"),
-                "--out-dir", str(tmp_path / "r"), "--plots-dir", str(tmp_path / "p"), check=False)
-        assert r.returncode != 0 and msg in r.stderr, r.stderr[-500:]
+        with pytest.raises(SystemExit, match=re.escape(msg)):
+            opd.read_prompts(str(tmp_path / f"{name}.jsonl"))
+    r = cli(*TINY, "--prompts", str(tmp_path / "bad.jsonl"), "--cache-dir", str(work / "cache"),   # and on the command line
+            "--out-dir", str(tmp_path / "r"), "--plots-dir", str(tmp_path / "p"), check=False)
+    assert r.returncode != 0 and "bad.jsonl:2 is not valid JSON" in r.stderr, r.stderr[-500:]
+    assert not (tmp_path / "r").exists()                                  # nothing ran
 
 
 def test_sft_coef_without_any_answer_is_refused(work, tmp_path):
@@ -994,8 +997,9 @@ def test_documented_figures_and_tables_are_tracked():
 
 def test_documented_flags_exist():
     text = (HERE / "tutorial.md").read_text() + (HERE / "README.md").read_text()
-    text = "\n".join(l for l in text.splitlines() if not l.lstrip().startswith("pip "))   # pip's own flags
-    flags = set(re.findall(r"(?<![\w-])--([a-z][a-z0-9-]*)", text))
+    other = ("pip ", "accelerate launch", "trl_opd.py")            # lines with pip's, accelerate's or the peer script's flags
+    text = "\n".join(l for l in text.splitlines() if not any(o in l for o in other))
+    flags = set(re.findall(r"(?<![\w-])--([a-z][a-z0-9-]*)(?!\w)", text))
     assert {"teacher-free-frac", "teacher-overrun-frac", "alert-patience"} <= flags  # the pattern finds them
     known = {f.name.replace("_", "-") for f in opd.dataclasses.fields(opd.Config)}
     assert not flags - known - {"help"}, f"the docs name flags opd.py lacks: {sorted(flags - known)}"
@@ -1670,23 +1674,3 @@ def test_gguf_through_the_flags_and_save_student(tmp_path):
     r = subprocess.run([sys.executable, str(HERE / "opd.py"), *args], capture_output=True, text=True, env=env)
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0, r.stderr[-2000:]
     assert "is a GGUF file" in r.stderr and opd.GGUF_INSTALL in r.stderr
-
-
-def test_real_study_build_student_script_runs_as_written(real_pairs, tmp_path, monkeypatch):
-    """Tutorial section 6's build_student.py, run as written on a tiny local teacher (the one
-    change: it keeps 1 of the tiny teacher's 2 layers where the real one keeps 6 of 30)."""
-    block = tutorial_block("student = opd.layer_dropped(teacher, keep=range(6))")
-    assert block.count("keep=range(6)") == 1
-    d, _ = real_pairs
-    rows = [{"prompt": "bada kelo mi", "answer": "sute"}] * 4
-    for name in ("warmup.jsonl", "prompts.jsonl"):
-        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["build_student.py", str(d / "llama" / "teacher"), "student", "2"])
-    threads = torch.get_num_threads()
-    try:
-        exec(block.replace("keep=range(6)", "keep=range(1)"), {})
-    finally:
-        torch.set_num_threads(threads)                                # the script sets one thread
-    _, student = opd.load_pretrained(str(tmp_path / "student"), "cpu")
-    assert student.config.num_hidden_layers == 1

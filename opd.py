@@ -1696,7 +1696,8 @@ def plot_study(results, out: Path, head=None, colors=None):
     by_method = {}
     for m, s, rows in results:
         by_method.setdefault(m, []).append((s, rows))
-    color = lambda m: {**METHOD_COLORS, **(colors or {})}.get(m, "#555555")
+    palette = {**METHOD_COLORS, **(colors or {})}
+    color = lambda m: palette.get(m, "#555555")
     takeoffs = {m: [first_step(rows, "rollout/trunc_rate", TAKEOFF) for _, rows in runs] for m, runs in by_method.items()}
     out.mkdir(parents=True, exist_ok=True)
     n_seeds = max(len(r) for r in by_method.values())

@@ -460,7 +460,7 @@ def build_default_pair(cfg: Config) -> tuple[str, str]:
         paths.append(str(d))
         if (d / "DONE").exists():
             continue
-        print(f"[build] no cached {role} at {d}; training it (teacher ~7 min, student ~30 s on one CPU core)", flush=True)
+        print(f"[build] no cached {role} at {d}; training it (teacher ~9 min, student ~30 s on one CPU core)", flush=True)
         t0, threads = time.time(), torch.get_num_threads()
         seed = {"teacher": 0, "student": 1}[role] + 2 * cfg.pair_seed
         torch.manual_seed(seed)
@@ -1748,11 +1748,11 @@ def plot_study(results, out: Path, head=None, colors=None):
     plt.close(fig)
     if "opd" not in by_method:
         return
-    runs, colors = by_method["opd"], seed_colors(len(by_method["opd"]))
+    runs, shades = by_method["opd"], seed_colors(len(by_method["opd"]))
     labels = [f"seed {s}" + (f" (take-off {t})" if t != "" else "") for (s, _), t in zip(runs, takeoffs["opd"])]
 
     def per_seed(ax, key, title, ylabel, ls="-", label=True):
-        for (s, rows), c, lab, t in zip(runs, colors, labels, takeoffs["opd"]):
+        for (s, rows), c, lab, t in zip(runs, shades, labels, takeoffs["opd"]):
             ax.plot(*series(rows, key), color=c, lw=1.1, ls=ls, label=lab if label else None)
             if t != "":
                 ax.axvline(t, color=c, ls=":", lw=0.9)

@@ -26,7 +26,8 @@ settings.register_profile("opd", max_examples=40, deadline=None, derandomize=Tru
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("opd")
 
-# ----------------------------------------------------------------------------- strategies
+
+# ----------------------------------------------------------------------------- strategies and shared helpers
 
 @st.composite
 def logits_pair(draw, max_b=3, max_t=5, max_v=12, scale=8.0):
@@ -60,7 +61,169 @@ def hand_mask(row, eos):
     return out, eos not in row
 
 
-# ----------------------------------------------------------------------------- 1. objectives
+def direct_aggregate(loss, mask, mode, max_len):
+    """Plain-Python reference of verl's four aggregation modes."""
+    rows = [[(l, m) for l, m in zip(lr, mr)] for lr, mr in zip(loss.tolist(), mask.tolist())]
+    if mode == "token-mean":
+        return sum(l * m for r in rows for l, m in r) / max(sum(m for r in rows for _, m in r), 1e-8)
+    sums = [sum(l * m for l, m in r) for r in rows]
+    counts = [sum(m for _, m in r) for r in rows]
+    if mode == "seq-mean-token-mean":
+        per = [s / c for s, c in zip(sums, counts) if c > 0]
+        return sum(per) / len(per) if per else 0.0
+    if mode == "seq-mean-token-sum":
+        return sum(sums) / len(sums)
+    return sum(sums) / len(sums) / max_len
+
+
+MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+
+
+def _heads(H, V, seed):
+    torch.manual_seed(seed)
+    return torch.nn.Linear(H, V, bias=False).double(), torch.nn.Linear(H, V, bias=False).double()
+
+
+@functools.lru_cache(maxsize=1)
+def _small_model():
+    torch.manual_seed(0)
+    return opd.make_model(opd.build_tokenizer(), 2, 16).double()
+
+
+TINY = ["--teacher-width", "32", "--student-width", "16", "--teacher-steps", "30", "--student-steps", "5",
+        "--batch-size", "8", "--steps", "4", "--eval-every", "2", "--eval-size", "8", "--max-new-tokens", "12",
+        "--workers", "1", "--log-every", "1", "--log-samples-every", "2"]
+
+
+def cli(*args, cwd=HERE, check=True):
+    env = dict(os.environ, PYTHONPATH=str(HERE))
+    r = subprocess.run([sys.executable, str(HERE / "opd.py"), *args], capture_output=True, text=True, cwd=cwd, env=env)
+    if check and r.returncode != 0:
+        raise AssertionError(r.stdout[-3000:] + r.stderr[-3000:])
+    return r
+
+
+@pytest.fixture(scope="session")
+def work(tmp_path_factory):
+    d = tmp_path_factory.mktemp("e2e")
+    cli(*TINY, "--methods", "opd", "--seeds", "1", "--cache-dir", str(d / "cache"), "--out-dir", str(d / "runs"),
+        "--plots-dir", str(d / "plots"))
+    return d
+
+
+def rows_of(d, name):
+    return opd.read_metrics(d / name / "metrics.jsonl")
+
+
+def _tiny_cfg(work, method="opd", seed=0, **overrides):
+    """The tiny config of the command-line tests, as run_opd takes it (in-process)."""
+    base, given = opd.parse_config(TINY + ["--cache-dir", str(work / "cache"), "--out-dir", str(work / "inproc")])
+    return opd.with_settings(opd.config_for(base, method, seed, given), **overrides)
+
+
+CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def bpe_tokenizer(vocab=32_000, eos="<|im_end|>"):
+    """A byte-level BPE tokenizer of a realistic vocabulary size with a chat template, built
+    locally (no download), like Qwen's: trained in ~2 s on generated syllable text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    rnd = random.Random(0)
+    syl = [a + b for a in "bcdfghjklmnprstvwz" for b in "aeiou"]
+    words = sorted({"".join(rnd.choice(syl) for _ in range(rnd.randint(1, 4))) for _ in range(60_000)})
+    corpus = [" ".join(rnd.choice(words) for _ in range(30)) for _ in range(4000)]
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token=eos, pad_token="<|endoftext|>")
+    tok.chat_template = CHAT
+    return tok
+
+
+@pytest.fixture(scope="session")
+def real_pairs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("real")
+    tok = bpe_tokenizer()
+    for arch in ("llama", "qwen2"):
+        for role, layers, width in (("student", 1, 32), ("teacher", 2, 64)):
+            torch.manual_seed(0)
+            m = opd.make_model(tok, layers, width, arch)
+            m.save_pretrained(d / arch / role)
+            tok.save_pretrained(d / arch / role)
+    rows = [{"prompt": "bada kelo mi", "answer": "sute"}, {"prompt": "zo ruka", "answer": None}] * 8
+    (d / "prompts.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return d, tok
+
+
+def _save_pair(d, tok_s, tok_t, arch="llama", scale=1.0):
+    """A student (1 layer) and a teacher (2 layers) saved with their tokenizers; scale > 1 makes the
+    random teacher a chaotic function of its input, so a changed prompt changes its log-probs."""
+    for role, tok, layers, width in (("student", tok_s, 1, 32), ("teacher", tok_t, 2, 64)):
+        torch.manual_seed({"student": 0, "teacher": 1}[role])
+        m = opd.make_model(tok, layers, width, arch)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.mul_(scale if role == "teacher" else 1.0)
+        m.save_pretrained(d / role)
+        tok.save_pretrained(d / role)
+    return str(d / "student"), str(d / "teacher")
+
+
+def _capture(monkeypatch):
+    """Record what the loop passes to sample_rollouts (training calls only) and what token_terms returns."""
+    seen = {"prompts": [], "terms": []}
+    real_sample, real_terms = opd.sample_rollouts, opd.token_terms
+
+    def sample(model, ids, attn, *a, greedy=False, **k):
+        if not greedy and k.get("generator") is None:       # evaluation samples with a generator of its own
+            seen["prompts"].append((ids, attn))
+        return real_sample(model, ids, attn, *a, greedy=greedy, **k)
+
+    def terms(h_s, head_s, h_t, head_t, tokens, *a, **k):
+        out = real_terms(h_s, head_s, h_t, head_t, tokens, *a, **k)
+        seen["terms"].append((tokens, {n: v.detach() for n, v in out._asdict().items() if v is not None}))
+        return out
+
+    monkeypatch.setattr(opd, "sample_rollouts", sample)
+    monkeypatch.setattr(opd, "token_terms", terms)
+    return seen
+
+
+def _real_cfg(d, s_path, t_path, prompts, **kw):
+    return opd.Config(**dict(dict(teacher=t_path, student=s_path, prompts=prompts, methods="opd", seeds=1, steps=2,
+                                  batch_size=6, max_new_tokens=6, eval_every=10, workers=1, log_samples_every=0,
+                                  out_dir=str(d / "runs")), **kw))
+
+
+def _teacher_scores(seen, tok, prompts_file, teacher, render):
+    """For every training rollout the loop scored (recorded by _capture): the teacher's log-probs
+    the loop computed, and those of a direct forward of the teacher on render(prompt) + the
+    response ids. The prompt is found by the student's own rendering, so a rollout sampled from
+    any other rendering fails here."""
+    texts = sorted({json.loads(l)["prompt"] for l in Path(prompts_file).read_text().splitlines()})
+    by_ids = {tuple(opd.prompt_token_ids(tok, [t])[0]): t for t in texts}
+    out = []
+    for (ids, attn), (resp, terms) in zip(seen["prompts"], seen["terms"]):
+        _, lengths, _ = opd.response_mask(resp, tok.eos_token_id)
+        for i in range(resp.shape[0]):
+            text, y = by_ids[tuple(ids[i][attn[i].bool()].tolist())], resp[i, :lengths[i]]
+            out.append((terms["logp_teacher"][i, :lengths[i]], _teacher_logp(teacher, render(text), y)))
+    return out
+
+
+def _teacher_logp(teacher, prompt_ids, y):
+    """The teacher's log-probs of the response ids y after prompt_ids, from one plain forward."""
+    with torch.no_grad():
+        logits = teacher(torch.tensor([prompt_ids + y.tolist()])).logits[0, len(prompt_ids) - 1:-1]
+    return F.log_softmax(logits.float(), -1).gather(-1, y[:, None]).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------- 1. OPD in one page
 
 @given(logits_pair())
 def test_full_kl_nonnegative(pair):
@@ -120,23 +283,26 @@ def test_sampled_token_gradient_matches_full_gradient(pair):
     tol = 6 * grads.std(0) / math.sqrt(n) + 1e-6
     assert ((grads.mean(0) - exact).abs() <= tol).all()
 
-
-def direct_aggregate(loss, mask, mode, max_len):
-    """Plain-Python reference of verl's four aggregation modes."""
-    rows = [[(l, m) for l, m in zip(lr, mr)] for lr, mr in zip(loss.tolist(), mask.tolist())]
-    if mode == "token-mean":
-        return sum(l * m for r in rows for l, m in r) / max(sum(m for r in rows for _, m in r), 1e-8)
-    sums = [sum(l * m for l, m in r) for r in rows]
-    counts = [sum(m for _, m in r) for r in rows]
-    if mode == "seq-mean-token-mean":
-        per = [s / c for s, c in zip(sums, counts) if c > 0]
-        return sum(per) / len(per) if per else 0.0
-    if mode == "seq-mean-token-sum":
-        return sum(sums) / len(sums)
-    return sum(sums) / len(sums) / max_len
+@given(logits_pair(), st.integers(1, 12))
+def test_topk_kl_is_a_kl_no_larger_than_the_full_one(pair, k):
+    """Coarse-graining can only lower a KL (the data-processing inequality): 0 <= top-k + tail KL <=
+    full KL; with k = V the tail is empty and the two agree."""
+    a, b = pair
+    ls, lt = F.log_softmax(a, -1), F.log_softmax(b, -1)
+    full = opd.full_vocab_reverse_kl(ls, lt)
+    top = opd.topk_reverse_kl(ls, lt, k)
+    assert (top >= -1e-9).all() and (top <= full + 1e-9).all()
+    torch.testing.assert_close(opd.topk_reverse_kl(ls, lt, a.shape[-1]), full, atol=1e-5, rtol=1e-5)
 
 
-MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+def test_topk_kl_hand_computed():
+    """p_S = (0.5, 0.3, 0.2), p_T = (0.2, 0.2, 0.6), k = 1: the student's top token and one bucket,
+    0.5 log(0.5/0.2) + 0.5 log(0.5/0.8); the bucket's mass comes from the rest (tail_bucket)."""
+    ls = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64).log()
+    lt = torch.tensor([0.2, 0.2, 0.6], dtype=torch.float64).log()
+    want = 0.5 * math.log(0.5 / 0.2) + 0.5 * math.log(0.5 / 0.8)
+    assert float(opd.topk_reverse_kl(ls, lt, 1)) == pytest.approx(want, abs=1e-9)
+    assert opd.tail_bucket(ls[:2]).exp().tolist() == pytest.approx([0.5, 0.3, 0.2])
 
 
 @given(token_batch(), st.sampled_from(MODES), st.integers(0, 1000))
@@ -181,15 +347,114 @@ def test_response_mask_hand_built_cases():
     assert lengths.tolist() == [1, 3, 3, 2] and truncated.tolist() == [False, False, True, False]
 
 
-# ----------------------------------------------------------------------------- 7. chunking & numerics
+# ----------------------------------------------------------------------------- 2. Task and model pair
 
-def _heads(H, V, seed):
-    torch.manual_seed(seed)
-    return torch.nn.Linear(H, V, bias=False).double(), torch.nn.Linear(H, V, bias=False).double()
+@given(st.integers(0, 99))
+def test_overrun_text_trains_only_past_the_free_repeats(seed):
+    """Over-run text: no loss on the prompt, the k correct repeats and the 2 free ones; loss on
+    every token after them; no EOS anywhere (the text never ends)."""
+    tok, task = opd.build_tokenizer(), opd.MotifTask(eval_size=8)
+    ex = task.overrun_text(random.Random(seed))
+    motif, k = ex["prompt"].split()[:-3], int(ex["prompt"].split()[-2])
+    ids, _, labels = opd.supervised_batch(tok, [ex])
+    trained = [int(i) for i, l in zip(ids[0], labels[0]) if l != -100]
+    answer = tok(ex["answer"], add_special_tokens=False)["input_ids"]
+    assert ex["skip"] == len(motif) * (k + 2) and trained == answer[ex["skip"]:] and len(trained) >= 1
+    assert tok.eos_token_id not in ids[0].tolist() and ex["answer"].split() == (motif * 48)[:len(answer)]
 
 
-@given(st.integers(1, 3), st.integers(1, 9), st.integers(2, 20), st.integers(1, 10), st.booleans(), st.integers(0, 99))
-def test_chunked_terms_equal_unchunked(B, T, V, chunk, with_ref, seed):
+def test_gold_set_is_fixed_and_from_training_motifs():
+    task = opd.MotifTask(eval_size=8)
+    gold = task.gold_set(64)
+    assert gold == opd.MotifTask(eval_size=8).gold_set(64) and len(gold) == 64
+    train = {" ".join(m) for m in task.train_motifs}
+    assert all(" ".join(g["prompt"].split()[:-3]) in train for g in gold)
+
+
+def test_exact_match_needs_the_stop_and_the_text():
+    tok = opd.build_tokenizer()
+    ids = tok("a b a b", add_special_tokens=False)["input_ids"]
+    assert opd.exact_match(tok, ids + [tok.eos_token_id], "a b a b")
+    assert not opd.exact_match(tok, ids, "a b a b")                         # truncated: no EOS
+    assert not opd.exact_match(tok, ids[:2] + [tok.eos_token_id], "a b a b")
+
+
+def test_tokenizer_and_model_roundtrip(tmp_path):
+    tok = opd.build_tokenizer()
+    torch.manual_seed(0)
+    model = opd.make_model(tok, 1, 16)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    tok2, model2 = opd.load_pretrained(str(tmp_path), "cpu")
+    text = "a b c x 3 ="
+    assert tok2(text)["input_ids"] == tok(text)["input_ids"] and len(tok(text)["input_ids"]) == 7   # BOS + 6 words
+    assert tok2.decode(tok2(text)["input_ids"], skip_special_tokens=True) == text
+    ids = torch.tensor([tok(text)["input_ids"]])
+    torch.testing.assert_close(model.eval()(ids).logits, model2.eval()(ids).logits)
+
+def test_plain_rendering_is_the_prompt_and_a_newline():
+    """chat=False (--teacher-format plain): the tokenizer's plain encoding of prompt + newline,
+    whatever chat template the tokenizer has; the default rendering goes through the template."""
+    tok = bpe_tokenizer(vocab=2_000)
+    plain = opd.prompt_token_ids(tok, ["bada kelo"], chat=False)[0]
+    assert plain == tok("bada kelo\n")["input_ids"]
+    chat = opd.prompt_token_ids(tok, ["bada kelo"])[0]
+    assert chat != plain and tok.decode(chat).startswith("<|im_start|>user")
+
+
+# ----------------------------------------------------------------------------- 3. Rollouts and scores
+
+def test_rollouts_kv_cache_equals_full_recompute():
+    """Greedy decoding with the KV cache, left padding and position ids gives the same tokens
+    as recomputing the whole sequence each step without a cache."""
+    tok = opd.build_tokenizer()
+    torch.manual_seed(0)
+    model = opd.make_model(tok, 2, 64).eval()
+    with torch.no_grad():                                        # large random weights: a chaotic function
+        for p in model.parameters():                             # of its input, positions included
+            p.mul_(8.0)
+    ids, attn = opd.encode_batch(tok, ["a b x 2 =", "c d e f x 5 =", "h x 1 =", "b g c x 4 ="])
+    out = opd.sample_rollouts(model, ids, attn, 12, tok.eos_token_id, tok.pad_token_id, greedy=True)
+    mask, _, _ = opd.response_mask(out, tok.eos_token_id)
+    seq, a = ids, attn
+    for t in range(out.shape[1]):
+        pos = (a.cumsum(-1) - 1).clamp(min=0)
+        nxt = model(input_ids=seq, attention_mask=a, position_ids=pos).logits[:, -1].argmax(-1)
+        live = mask[:, t].bool()                                # after EOS the rollout holds padding
+        assert nxt[live].tolist() == out[live, t].tolist()
+        assert (out[~live, t] == tok.pad_token_id).all()
+        seq, a = torch.cat([seq, nxt[:, None]], 1), torch.cat([a, torch.ones_like(a[:, :1])], 1)
+
+
+@given(st.integers(1, 9), st.integers(1, 10), st.integers(1, 12), st.integers(0, 99))
+def test_length_groups_equal_one_padded_forward(B, T, groups, seed):
+    """Length-sorted slices give the one padded forward's hidden states, and its gradients,
+    on every response position; rows keep their order."""
+    model = _small_model()
+    g = torch.Generator().manual_seed(seed)
+    P = 3
+    lengths = torch.randint(1, T + 1, (B,), generator=g)                    # every response has >= 1 token
+    seq = torch.randint(4, 15, (B, P + T), generator=g)
+    attn = torch.cat([torch.ones(B, P, dtype=torch.long), (torch.arange(T) < lengths[:, None]).long()], 1)
+    mask = attn[:, P:, None].double()                                         # (B, T, 1)
+    w = torch.randn(B, T, 16, generator=g, dtype=torch.float64)
+
+    def run(forward):
+        model.zero_grad()
+        h = forward() * mask
+        (h * w).sum().backward()
+        return h.detach(), [p.grad.clone() for p in model.model.parameters()]
+
+    h_pad, g_pad = run(lambda: opd.hidden_states(model, seq, attn)[:, P - 1:P + T - 1])   # one padded forward
+    h_grp, g_grp = run(lambda: opd.response_hidden_states(model, seq, attn, P, groups))
+    torch.testing.assert_close(h_pad, h_grp)
+    for a, b in zip(g_pad, g_grp):
+        torch.testing.assert_close(a, b)
+
+
+@given(st.integers(1, 3), st.integers(1, 9), st.integers(2, 20), st.integers(1, 10), st.booleans(),
+       st.sampled_from(["full", "topk"]), st.integers(0, 99))
+def test_chunked_terms_equal_unchunked(B, T, V, chunk, with_ref, objective, seed):
     hs_, ht = _heads(4, V, seed)
     g = torch.Generator().manual_seed(seed)
     h_s = torch.randn(B, T, 4, generator=g, dtype=torch.float64, requires_grad=True)
@@ -198,10 +463,11 @@ def test_chunked_terms_equal_unchunked(B, T, V, chunk, with_ref, seed):
     outs = []
     for c in (0, chunk):
         h = h_s.detach().clone().requires_grad_(True)
-        t = opd.token_terms(h, hs_, h_t, ht, y, 1, 0.7, c, full_kl=True, h_ref=h_t if with_ref else None, head_ref=ht)
-        loss = t["kl_full"].sum() - t["logp_student"].sum() + (t["kl_ref"].sum() if with_ref else 0)
+        t = opd.token_terms(h, hs_, h_t, ht, y, 1, 0.7, c, objective, 3, h_ref=h_t if with_ref else None,
+                            head_ref=ht)
+        loss = t.kl.sum() - t.logp_student.sum() + (t.kl_ref.sum() if with_ref else 0)
         grad = torch.autograd.grad(loss, h)[0]
-        outs.append(({k: v.detach() for k, v in t.items()}, grad))
+        outs.append(({k: v.detach() for k, v in t._asdict().items() if v is not None}, grad))
     for k in outs[0][0]:
         torch.testing.assert_close(outs[0][0][k], outs[1][0][k])
     torch.testing.assert_close(outs[0][1], outs[1][1])
@@ -215,13 +481,40 @@ def test_temperature_log_softmax_finite_for_large_logits(temp, scale, seed):
         head.weight.copy_(torch.randn(7, 2, generator=g) * scale)
     h = torch.randn(2, 3, 2, generator=g)
     y = torch.randint(0, 7, (2, 3), generator=g)
-    t = opd.token_terms(h.requires_grad_(True), head, h, head, y, 0, temp, 2, full_kl=True)
-    for v in t.values():
-        assert torch.isfinite(v).all()
-    assert (t["logp_student"] <= 0).all()
+    t = opd.token_terms(h.requires_grad_(True), head, h, head, y, 0, temp, 2, "full")
+    for v in t:
+        assert v is None or torch.isfinite(v).all()
+    assert (t.logp_student <= 0).all()
 
 
-# ----------------------------------------------------------------------------- 3. monitor
+def test_reference_kl_zero_before_first_update():
+    head, teacher_head = _heads(4, 9, 0)
+    h = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
+    t = opd.token_terms(h, head, torch.randn(2, 5, 4, dtype=torch.float64), teacher_head,
+                        torch.zeros(2, 5, dtype=torch.long), 1, objective="full",
+                        h_ref=h.detach(), head_ref=copy.deepcopy(head))      # p_ref = the student as it starts
+    assert t.kl_ref.abs().max() < 1e-12
+    assert t.kl.min() > 1e-6                                    # while the teacher differs
+
+def test_sequence_nll_is_the_mean_nll_of_each_response_through_its_eos():
+    """sequence_nll (sequence-level KD's loss) = the mean of -log p(y_t | prompt, y_<t) over every
+    token up to and including each row's first EOS, computed here one sequence at a time."""
+    tok = opd.build_tokenizer()
+    model = _small_model().float()
+    ids, attn = opd.encode_batch(tok, ["a b x 2 =", "c d e x 1 ="])
+    eos = tok.eos_token_id
+    resp = torch.tensor([[5, 6, eos, 0], [7, 8, 9, 10]])                 # one stopped, one truncated
+    got = opd.sequence_nll(model, ids, attn, resp, eos, groups=2)
+    nll = []
+    for i, L in ((0, 3), (1, 4)):
+        p = ids[i][attn[i].bool()].tolist()
+        with torch.no_grad():
+            logits = model(torch.tensor([p + resp[i, :L].tolist()])).logits[0, len(p) - 1:-1]
+        nll += (-F.log_softmax(logits.float(), -1).gather(-1, resp[i, :L, None]).squeeze(-1)).tolist()
+    assert float(got.detach()) == pytest.approx(sum(nll) / len(nll), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- 4. Monitor
 
 @given(st.lists(st.lists(st.integers(3, 40), min_size=0, max_size=30), min_size=1, max_size=40), st.integers(1, 30))
 def test_length_stats_equal_direct_computation(seqs, max_len):
@@ -283,11 +576,13 @@ def test_monitor_alerts_within_steps_of_sustained_growth(base, rate, onset, seed
     assert fired is not None and onset <= fired <= onset + ALERT_WITHIN
 
 
-def test_monitor_alert_fires_once_at_onset(capsys):
+def test_monitor_alert_fires_once_at_onset():
     mon = opd.LengthMonitor(eos_id=2, max_len=10, trunc=0.2, patience=2)
-    outs = [mon.update([[5] * 10] * 4, s) for s in range(4)]
-    assert [o.get("alert/trunc_rate") for o in outs] == [None, 1, None, None]   # held 2 steps, then said once
-    assert capsys.readouterr().out.count("trunc_rate") == 1
+    said = []
+    for s in range(4):
+        out = mon.update([[5] * 10] * 4, s)
+        said.append((out.get("alert/trunc_rate"), list(mon.new_alerts)))
+    assert said == [(None, []), (1, [("trunc_rate", 1.0, 0.2)]), (None, []), (None, [])]   # held 2 steps, said once
 
 
 @given(st.integers(1, 4), st.integers(0, 99))
@@ -335,52 +630,7 @@ def test_repetition_alert_fires_once_within_steps_of_a_planted_trend(onset, per_
     assert len(fired) == 1 and crossed <= fired[0] <= crossed + mon.patience + 2, (fired, crossed)
 
 
-@given(st.lists(st.floats(0, 1), min_size=1, max_size=40), st.floats(0, 1), st.integers(1, 4))
-def test_fire_step_needs_patience_consecutive_values(values, thr, patience):
-    steps = list(range(len(values)))
-    got = opd.fire_step(steps, values, thr, patience, start=0)
-    want = next((i for i in steps if i + 1 >= patience and all(v > thr for v in values[i + 1 - patience:i + 1])), "")
-    assert got == want
-
-
-def _planted_run(folder, name, takeoff, warn, steps=120):
-    """metrics.jsonl of a run whose repetition rate rises from step `warn` and truncation from `takeoff`."""
-    d = folder / name
-    d.mkdir(parents=True)
-    with open(d / "metrics.jsonl", "w") as f:
-        for s in range(steps):
-            rep = 0.0 if warn is None or s < warn else 0.05
-            trunc = 0.0 if takeoff is None or s < takeoff else 0.6
-            f.write(json.dumps({"step": s, "rollout/trunc_rate": trunc, "rollout/rep_rate": rep, "rollout/ngram_rep": 0.2,
-                                "rollout/growth": 0.0, "rollout/len_p90": 12, "logp/teacher": -0.5, "adv/repetitive": float("nan"),
-                                "adv/regular": -0.3, "adv/repetitive_frac": rep, "eos/teacher_lower_frac": 0.1}) + "\n")
-
-
-def test_signal_table_scores_lead_and_false_alarms(tmp_path):
-    """Collapsing fit runs warned 20 steps ahead, quiet ones never: the repetition rate gets a lead
-    of 19 on them (patience 2: the alert comes one step after the rise); a held-out quiet run whose
-    repetition rises anyway is counted as a false alarm."""
-    for seed in range(3):
-        _planted_run(tmp_path, f"opd-s{seed}", takeoff=80, warn=60)
-        _planted_run(tmp_path, f"stable-opd-s{seed}", takeoff=None, warn=None)
-    _planted_run(tmp_path, "opd-s3", takeoff=90, warn=70)
-    _planted_run(tmp_path, "sft-only-s3", takeoff=None, warn=50)
-    row = next(l for l in opd.signal_table(tmp_path).splitlines() if l.startswith("| repetition rate"))
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[2:] == ["19, 19, 19", "0 of 3 quiet", "19", "1 of 1 quiet"], cells
-
-
-# ----------------------------------------------------------------------------- 5. stabilizers
-
-def test_reference_kl_zero_before_first_update():
-    head, teacher_head = _heads(4, 9, 0)
-    h = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
-    t = opd.token_terms(h, head, torch.randn(2, 5, 4, dtype=torch.float64), teacher_head,
-                        torch.zeros(2, 5, dtype=torch.long), 1, full_kl=True,
-                        h_ref=h.detach(), head_ref=copy.deepcopy(head))      # p_ref = the student as it starts
-    assert t["kl_ref"].abs().max() < 1e-12
-    assert t["kl_full"].min() > 1e-6                            # while the teacher differs
-
+# ----------------------------------------------------------------------------- 5. Stabilizers
 
 @given(token_batch(), st.integers(0, 99))
 def test_eos_mask_zeroes_exactly_eos(tokens, seed):
@@ -415,6 +665,103 @@ def test_dropping_truncated_removes_exactly_their_tokens(tokens, mode, seed):
     else:
         ref = torch.tensor(0.0)
     assert float(got) == pytest.approx(float(ref), abs=1e-9)
+
+
+@given(st.lists(st.floats(-50, 50), min_size=1, max_size=30), st.floats(0.1, 5))
+def test_advantage_regulation(values, bound):
+    a = torch.tensor(values, dtype=torch.float64)
+    lg = opd.regulate_advantage(a, "log")
+    assert (torch.sign(lg) == torch.sign(a)).all() and (lg.abs() <= a.abs() + 1e-12).all()
+    torch.testing.assert_close(lg, torch.sign(a) * torch.log1p(a.abs()))
+    cl = opd.regulate_advantage(a, "clip", bound)
+    assert (cl.abs() <= bound + 1e-12).all() and (cl[a.abs() <= bound] == a[a.abs() <= bound]).all()
+
+@given(token_batch(), st.integers(1, 12))
+def test_prefix_weights_keep_the_first_n_response_tokens(tokens, n):
+    mask, _, _ = opd.response_mask(tokens, 2)
+    w = opd.prefix_weights(mask, n)
+    for i, row in enumerate(mask.tolist()):
+        assert w[i].tolist() == [m if t < n else 0.0 for t, m in enumerate(row)]
+
+
+def test_iw_opd_weights_hand_computed():
+    """A = (1, -2, 1) then padding, gamma 0.5: |A| sums to 4, so the discrepancy before each token is
+    (0, 1, 3)/4 and w = 1 + 0.5 (1 - that) = (1.5, 1.375, 1.125) (TRL's IWOPDTrainer's formula)."""
+    adv = torch.tensor([[1.0, -2.0, 1.0, 7.0]])
+    w = opd.iw_opd_weights(adv, torch.tensor([[1.0, 1.0, 1.0, 0.0]]), 0.5)
+    assert w[0, :3].tolist() == pytest.approx([1.5, 1.375, 1.125])
+
+
+@given(token_batch(), st.floats(0.0, 4.0), st.integers(0, 99))
+def test_iw_opd_weights_fall_from_one_plus_gamma_to_one(tokens, gamma, seed):
+    mask, _, _ = opd.response_mask(tokens, 2)
+    adv = torch.randn(tokens.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    w = opd.iw_opd_weights(adv, mask.double(), gamma)
+    assert (w >= 1 - 1e-12).all() and (w <= 1 + gamma + 1e-12).all()
+    assert torch.allclose(w[:, 0], torch.full_like(w[:, 0], 1 + gamma))
+    assert (w[:, 1:] <= w[:, :-1] + 1e-12).all()                        # never rises along a rollout
+
+
+def test_teacher_samples_keep_exactly_the_rows_that_stop(monkeypatch):
+    """Sequence-level KD keeps the teacher's samples that stop, ungraded, and no other row."""
+    eos = 2
+    fake = torch.tensor([[5, eos, 0], [5, 6, 7], [eos, 0, 0], [6, 6, 6]])
+    monkeypatch.setattr(opd, "sample_rollouts", lambda *a, **k: fake)
+    resp, kept = opd.teacher_samples(None, None, None, 3, eos, 0, 1.0)
+    assert torch.equal(resp, fake) and kept.tolist() == [True, False, True, False]
+
+
+@given(token_batch(), st.integers(0, 99))
+def test_opd_loss_objectives_take_their_terms(tokens, seed):
+    """The full and top-k objectives take the KL they are given (no advantage); an SFT or sequence-KD
+    coefficient without its NLL is an error, not a silent zero."""
+    g = torch.Generator().manual_seed(seed)
+    lp = -torch.rand(tokens.shape, generator=g, dtype=torch.float64)
+    kl = torch.rand(tokens.shape, generator=g, dtype=torch.float64)
+    mask, _, _ = opd.response_mask(tokens, 2)
+    for objective in ("full", "topk"):
+        loss, _ = opd.opd_loss(lp, lp, tokens, 2, opd.LossSettings(objective=objective), kl=kl)
+        assert float(loss) == pytest.approx(float((kl * mask).sum() / mask.sum()), rel=1e-9)
+    for name in ("sft", "seq_kd"):
+        with pytest.raises(ValueError, match=f"{name}_coef > 0 needs"):
+            opd.opd_loss(lp, lp, tokens, 2, opd.LossSettings(**{f"{name}_coef": 1.0}))
+
+
+def test_guard_restores_the_last_quiet_copy_and_switches_the_fix_on():
+    """Quiet steps 0-6 (a copy at 0 and 5), an alert at step 7: the guard restores the student and
+    AdamW's state of step 5, returns new settings with Stable-OPD's coefficients raised (a larger
+    one kept), leaves the old settings as they were, and never acts again."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    mon = opd.LengthMonitor(eos_id=2, max_len=8)
+    guard, loss = opd.Guard(every=5), opd.LossSettings(ref_kl=0.5)
+    snapshots = {}
+    for step in range(7):
+        model(torch.randn(4, 3)).sum().backward()
+        opt.step()
+        snapshots[step] = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
+        assert guard.step(mon, step, model, opt, loss) is None
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    mon.active.add("rep_rate")                                     # the monitor's first alert
+    new = guard.step(mon, 7, model, opt, loss)
+    assert (new.ref_kl, new.sft_coef) == (0.5, opd.STABLE_OPD["sft_coef"]) and loss.sft_coef == 0.0
+    assert all(torch.equal(v, snapshots[5][0][k]) for k, v in model.state_dict().items())
+    assert opt.state_dict()["state"][0]["step"] == snapshots[5][1]["state"][0]["step"]
+    assert guard.saved["step"] == 5 and guard.step(mon, 8, model, opt, new) is None
+    assert opd.Guard(fix={}).fix == {}                                # restore only
+
+
+@given(token_batch(), st.integers(0, 99))
+def test_opd_loss_defaults_are_plain_opd(tokens, seed):
+    g = torch.Generator().manual_seed(seed)
+    lp_s, lp_t = -torch.rand(tokens.shape, generator=g, dtype=torch.float64) * 3, -torch.rand(tokens.shape, generator=g, dtype=torch.float64) * 3
+    mask, _, _ = opd.response_mask(tokens, 2)
+    loss, parts = opd.opd_loss(lp_s, lp_t, tokens, 2)
+    adv = lp_t - lp_s
+    assert float(loss) == pytest.approx(float((-adv * lp_s * mask).sum() / mask.sum()), rel=1e-9, abs=1e-12)
+    assert set(parts) == {"opd"}
 
 
 def _hand_opd_loss(lp_s, lp_t, tokens, eos, kw, kl_ref=None, sft=None):
@@ -456,73 +803,23 @@ def test_opd_loss_equals_the_loops_loss(work, monkeypatch):
     kw = dict(ref_kl=0.05, sft_coef=0.5, overlong_buffer=4, adv_regulation="clip", adv_clip=0.5, eos_mask=True,
               trunc_weight=0.5, loss_agg="seq-mean-token-mean")
     rows = opd.run_opd(_tiny_cfg(work, run_name="loss", max_new_tokens=8, **kw))
-    settings = opd.loss_settings(_tiny_cfg(work, max_new_tokens=8, **kw))
+    settings = _tiny_cfg(work, max_new_tokens=8, **kw).loss
+    kw_all = dict(opd.dataclasses.asdict(settings), max_len=8)
     eos = opd.build_tokenizer().eos_token_id
     losses = [r["loss/total"] for r in rows if "loss/total" in r]
     assert len(seen["terms"]) == len(losses) == len(sfts) == 4
     truncated = 0
     for (resp, t), sft, logged in zip(seen["terms"], sfts, losses):
-        hand = _hand_opd_loss(t["logp_student"], t["logp_teacher"], resp, eos, settings, t["kl_ref"], sft)
+        hand = _hand_opd_loss(t["logp_student"], t["logp_teacher"], resp, eos, kw_all, t["kl_ref"], sft)
         assert logged == pytest.approx(hand, rel=1e-5, abs=1e-6)
-        again, parts = opd.opd_loss(t["logp_student"], t["logp_teacher"], resp, eos, kl_ref=t["kl_ref"], sft=sft.detach(),
-                                    **settings)
+        again, parts = opd.opd_loss(t["logp_student"], t["logp_teacher"], resp, eos, settings, kl_ref=t["kl_ref"],
+                                    sft=sft.detach(), max_len=8)
         assert float(again) == pytest.approx(logged, rel=1e-6, abs=1e-7) and set(parts) == {"opd", "ref_kl", "sft"}
         truncated += int((resp != eos).all(-1).sum())
     assert truncated > 0                                               # the truncation weight was exercised
 
 
-@given(token_batch(), st.integers(0, 99))
-def test_opd_loss_defaults_are_plain_opd(tokens, seed):
-    g = torch.Generator().manual_seed(seed)
-    lp_s, lp_t = -torch.rand(tokens.shape, generator=g, dtype=torch.float64) * 3, -torch.rand(tokens.shape, generator=g, dtype=torch.float64) * 3
-    mask, _, _ = opd.response_mask(tokens, 2)
-    loss, parts = opd.opd_loss(lp_s, lp_t, tokens, 2)
-    adv = lp_t - lp_s
-    assert float(loss) == pytest.approx(float((-adv * lp_s * mask).sum() / mask.sum()), rel=1e-9, abs=1e-12)
-    assert set(parts) == {"opd"}
-
-
-@given(st.lists(st.floats(-50, 50), min_size=1, max_size=30), st.floats(0.1, 5))
-def test_advantage_regulation(values, bound):
-    a = torch.tensor(values, dtype=torch.float64)
-    lg = opd.regulate_advantage(a, "log")
-    assert (torch.sign(lg) == torch.sign(a)).all() and (lg.abs() <= a.abs() + 1e-12).all()
-    torch.testing.assert_close(lg, torch.sign(a) * torch.log1p(a.abs()))
-    cl = opd.regulate_advantage(a, "clip", bound)
-    assert (cl.abs() <= bound + 1e-12).all() and (cl[a.abs() <= bound] == a[a.abs() <= bound]).all()
-
-
-# ----------------------------------------------------------------------------- 2. pair & rollouts
-
-@given(st.integers(0, 99))
-def test_overrun_text_trains_only_past_the_free_repeats(seed):
-    """Over-run text: no loss on the prompt, the k correct repeats and the 2 free ones; loss on
-    every token after them; no EOS anywhere (the text never ends)."""
-    tok, task = opd.build_tokenizer(), opd.MotifTask(eval_size=8)
-    ex = task.overrun_text(random.Random(seed))
-    motif, k = ex["prompt"].split()[:-3], int(ex["prompt"].split()[-2])
-    ids, _, labels = opd.supervised_batch(tok, [ex])
-    trained = [int(i) for i, l in zip(ids[0], labels[0]) if l != -100]
-    answer = tok(ex["answer"], add_special_tokens=False)["input_ids"]
-    assert ex["skip"] == len(motif) * (k + 2) and trained == answer[ex["skip"]:] and len(trained) >= 1
-    assert tok.eos_token_id not in ids[0].tolist() and ex["answer"].split() == (motif * 48)[:len(answer)]
-
-
-def test_gold_set_is_fixed_and_from_training_motifs():
-    task = opd.MotifTask(eval_size=8)
-    gold = task.gold_set(64)
-    assert gold == opd.MotifTask(eval_size=8).gold_set(64) and len(gold) == 64
-    train = {" ".join(m) for m in task.train_motifs}
-    assert all(" ".join(g["prompt"].split()[:-3]) in train for g in gold)
-
-
-def test_exact_match_needs_the_stop_and_the_text():
-    tok = opd.build_tokenizer()
-    ids = tok("a b a b", add_special_tokens=False)["input_ids"]
-    assert opd.exact_match(tok, ids + [tok.eos_token_id], "a b a b")
-    assert not opd.exact_match(tok, ids, "a b a b")                         # truncated: no EOS
-    assert not opd.exact_match(tok, ids[:2] + [tok.eos_token_id], "a b a b")
-
+# ----------------------------------------------------------------------------- 6. The loop
 
 @given(st.integers(1, 400), st.integers(0, 100), st.floats(0, 1))
 def test_lr_factor_is_warmup_stable_decay(steps, warmup, decay):
@@ -534,129 +831,28 @@ def test_lr_factor_is_warmup_stable_decay(steps, warmup, decay):
     assert all(a >= b - 1e-12 for a, b in zip(f[down:], f[down + 1:]))           # falling in the decay
     assert f[-1] <= 1 / max(d, 1) + 1e-12 if d else f[-1] == min(1.0, steps / max(warmup, 1))
 
-
-
-def test_shipped_pair_matches_its_recorded_checksums():
-    """pair/SHA256SUMS (sha256sum's format) lists every shipped file and its SHA-256."""
-    import hashlib
-    d = HERE / "pair"
-    listed = dict(reversed(line.split("  ", 1)) for line in (d / "SHA256SUMS").read_text().splitlines())
-    files = {str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and p.name != "SHA256SUMS"}
-    assert set(listed) == files and {"teacher/model.safetensors", "student/build.json"} <= files
-    for name, digest in listed.items():
-        assert hashlib.sha256((d / name).read_bytes()).hexdigest() == digest, name
-
-
-def test_default_settings_load_the_shipped_pair_and_its_recorded_accuracy():
-    """With the default settings, the default pair is the shipped one (no build), and each model gives
-    the held-out greedy accuracy its build.json records, within 3 of MotifTask's 128 prompts: greedy
-    decoding changes only where two tokens tie to within rounding, and evaluating the same weights in
-    float64, or on 2 threads, changed neither model's count (113 and 70 of 128; tutorial, section 2)."""
-    cfg = opd.Config()
-    assert opd.default_pair(cfg) == (str(HERE / "pair" / "teacher"), str(HERE / "pair" / "student"))
-    assert opd.model_key(opd.Config(pair_seed=1), "teacher") != opd.model_key(cfg, "teacher")
-    task = opd.MotifTask()
-    for path in opd.default_pair(cfg):
-        info = json.loads((Path(path) / "build.json").read_text())
-        assert info["key"] == opd.model_key(cfg, info["role"]) and info["settings"] == opd.build_settings(cfg, info["role"])
-        tok, model = opd.load_pretrained(path, "cpu")
-        acc = opd.evaluate(model, tok, task.eval_set, cfg.max_new_tokens)["accuracy"]
-        assert abs(acc - info["accuracy"]) <= 3 / 128, (path, acc, info["accuracy"])
-
-
-def test_tokenizer_and_model_roundtrip(tmp_path):
-    tok = opd.build_tokenizer()
-    torch.manual_seed(0)
-    model = opd.make_model(tok, 1, 16)
-    model.save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
-    tok2, model2 = opd.load_pretrained(str(tmp_path), "cpu")
-    text = "a b c x 3 ="
-    assert tok2(text)["input_ids"] == tok(text)["input_ids"] and len(tok(text)["input_ids"]) == 7   # BOS + 6 words
-    assert tok2.decode(tok2(text)["input_ids"], skip_special_tokens=True) == text
-    ids = torch.tensor([tok(text)["input_ids"]])
-    torch.testing.assert_close(model.eval()(ids).logits, model2.eval()(ids).logits)
-
-
-def test_rollouts_kv_cache_equals_full_recompute():
-    """Greedy decoding with the KV cache, left padding and position ids gives the same tokens
-    as recomputing the whole sequence each step without a cache."""
-    tok = opd.build_tokenizer()
-    torch.manual_seed(0)
-    model = opd.make_model(tok, 2, 64).eval()
-    with torch.no_grad():                                        # large random weights: a chaotic function
-        for p in model.parameters():                             # of its input, positions included
-            p.mul_(8.0)
-    ids, attn = opd.encode_batch(tok, ["a b x 2 =", "c d e f x 5 =", "h x 1 =", "b g c x 4 ="])
-    out = opd.sample_rollouts(model, ids, attn, 12, tok.eos_token_id, tok.pad_token_id, greedy=True)
-    mask, _, _ = opd.response_mask(out, tok.eos_token_id)
-    seq, a = ids, attn
-    for t in range(out.shape[1]):
-        pos = (a.cumsum(-1) - 1).clamp(min=0)
-        nxt = model(input_ids=seq, attention_mask=a, position_ids=pos).logits[:, -1].argmax(-1)
-        live = mask[:, t].bool()                                # after EOS the rollout holds padding
-        assert nxt[live].tolist() == out[live, t].tolist()
-        assert (out[~live, t] == tok.pad_token_id).all()
-        seq, a = torch.cat([seq, nxt[:, None]], 1), torch.cat([a, torch.ones_like(a[:, :1])], 1)
-
-
-@functools.lru_cache(maxsize=1)
-def _small_model():
-    torch.manual_seed(0)
-    return opd.make_model(opd.build_tokenizer(), 2, 16).double()
-
-
-@given(st.integers(1, 9), st.integers(1, 10), st.integers(1, 12), st.integers(0, 99))
-def test_length_groups_equal_one_padded_forward(B, T, groups, seed):
-    """Length-sorted slices give the one padded forward's hidden states, and its gradients,
-    on every response position; rows keep their order."""
-    model = _small_model()
-    g = torch.Generator().manual_seed(seed)
-    P = 3
-    lengths = torch.randint(1, T + 1, (B,), generator=g)                    # every response has >= 1 token
-    seq = torch.randint(4, 15, (B, P + T), generator=g)
-    attn = torch.cat([torch.ones(B, P, dtype=torch.long), (torch.arange(T) < lengths[:, None]).long()], 1)
-    mask = attn[:, P:, None].double()                                         # (B, T, 1)
-    w = torch.randn(B, T, 16, generator=g, dtype=torch.float64)
-
-    def run(forward):
-        model.zero_grad()
-        h = forward() * mask
-        (h * w).sum().backward()
-        return h.detach(), [p.grad.clone() for p in model.model.parameters()]
-
-    h_pad, g_pad = run(lambda: opd.hidden_states(model, seq, attn)[:, P - 1:P + T - 1])   # one padded forward
-    h_grp, g_grp = run(lambda: opd.response_hidden_states(model, seq, attn, P, groups))
-    torch.testing.assert_close(h_pad, h_grp)
-    for a, b in zip(g_pad, g_grp):
-        torch.testing.assert_close(a, b)
-
-
-# ----------------------------------------------------------------------------- end to end
-
-TINY = ["--teacher-width", "32", "--student-width", "16", "--teacher-steps", "30", "--student-steps", "5",
-        "--batch-size", "8", "--steps", "4", "--eval-every", "2", "--eval-size", "8", "--max-new-tokens", "12",
-        "--workers", "1", "--log-samples-every", "2"]
-
-
-def cli(*args, cwd=HERE, check=True):
-    env = dict(os.environ, PYTHONPATH=str(HERE))
-    r = subprocess.run([sys.executable, str(HERE / "opd.py"), *args], capture_output=True, text=True, cwd=cwd, env=env)
-    if check and r.returncode != 0:
-        raise AssertionError(r.stdout[-3000:] + r.stderr[-3000:])
-    return r
-
-
-@pytest.fixture(scope="session")
-def work(tmp_path_factory):
-    d = tmp_path_factory.mktemp("e2e")
-    cli(*TINY, "--methods", "opd", "--seeds", "1", "--cache-dir", str(d / "cache"), "--out-dir", str(d / "runs"),
-        "--plots-dir", str(d / "plots"))
-    return d
-
-
-def rows_of(d, name):
-    return opd.read_metrics(d / name / "metrics.jsonl")
+def test_rollout_metrics_on_hand_made_values():
+    """Two rollouts of 26 tokens budget: one loops (its 24-token tail is repetitive) and one stops
+    at token 3. The figures are the hand-computed means over the masked tokens."""
+    eos, B, T = 2, 2, 26
+    loop = [5, 6] * 13                                               # truncated, repetitive tail
+    stop = [7, 8, eos] + [0] * 23
+    tokens = torch.tensor([loop, stop])
+    mask, lengths, truncated = opd.response_mask(tokens, eos)
+    lp_s = torch.full((B, T), -0.5)
+    lp_t = torch.full((B, T), -1.5)
+    lp_t[0, 2:] = -0.25                                              # the loop's tail: the teacher likes it
+    p_eos_s, p_eos_t = torch.full((B, T), 0.9), torch.full((B, T), 0.6)
+    terms = opd.TokenTerms(lp_s, lp_t, p_eos_s, p_eos_t, None, None)
+    m = opd.rollout_metrics(terms, mask, lengths, truncated, [loop, stop[:3]], eos)
+    n = 26 + 3
+    assert m["logp/student"] == pytest.approx(-0.5)
+    assert m["logp/teacher"] == pytest.approx((2 * -1.5 + 24 * -0.25 + 3 * -1.5) / n)
+    assert m["adv/repetitive"] == pytest.approx(0.25) and m["adv/repetitive_frac"] == pytest.approx(24 / n)
+    assert m["adv/regular"] == pytest.approx(-1.0)                   # 2 loop tokens + 3 of the stop
+    assert m["kl/reverse"] == pytest.approx(-m["adv/mean"])
+    assert m["eos/p_student"] == pytest.approx(0.9) and m["eos/p_teacher"] == pytest.approx(0.6)
+    assert m["eos/teacher_lower_frac"] == 1.0 and "kl/ref" not in m
 
 
 def test_cli_writes_every_documented_key(work):
@@ -664,34 +860,7 @@ def test_cli_writes_every_documented_key(work):
     keys = set().union(*rows)
     assert set(opd.METRIC_KEYS) <= keys, set(opd.METRIC_KEYS) - keys
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
-    assert (work / "plots" / "results.csv").exists() and (work / "plots" / "fig1_inflation.png").exists()
-
-
-def test_replot_redraws_from_the_run_folders(work, tmp_path):
-    """--replot trains nothing and writes the same table as the run that made the folders."""
-    r = cli(*TINY, "--methods", "opd", "--seeds", "1", "--cache-dir", str(work / "cache"), "--out-dir", str(work / "runs"),
-            "--plots-dir", str(tmp_path / "again"), "--replot")
-    assert "[build]" not in r.stdout and "step    0" not in r.stdout
-    assert (tmp_path / "again" / "results.csv").read_text() == (work / "plots" / "results.csv").read_text()
-    assert {p.name for p in (work / "plots").glob("*.png")} == {p.name for p in (tmp_path / "again").glob("*.png")}
-    r = cli(*TINY, "--methods", "opd", "--seeds", "2", "--out-dir", str(work / "runs"), "--plots-dir", str(tmp_path / "x"),
-            "--replot", check=False)
-    assert r.returncode != 0 and "no run at" in r.stderr and "opd-s1" in r.stderr
-
-
-def test_cache_reused_and_rebuilt_on_change(work, capsys):
-    cfg = _tiny_cfg(work)
-    opd.load_models_and_data(cfg, torch.device("cpu"))                   # the session's pair, built once
-    assert "[build]" not in capsys.readouterr().out
-    opd.load_models_and_data(opd.dataclasses.replace(cfg, student_steps=6), torch.device("cpu"))
-    out = capsys.readouterr().out
-    assert "no cached student" in out and "no cached teacher" not in out
-
-
-def _tiny_cfg(work, method="opd", seed=0, **overrides):
-    """The tiny config of the command-line tests, as run_opd takes it (in-process)."""
-    base, given = opd.parse_config(TINY + ["--cache-dir", str(work / "cache"), "--out-dir", str(work / "inproc")])
-    return opd.dataclasses.replace(opd.config_for(base, method, seed, given), **overrides)
+    assert (work / "plots" / "results.csv").exists() and (work / "plots" / "fig1_accuracy_length.png").exists()
 
 
 def test_same_seed_same_metrics(work):
@@ -713,86 +882,37 @@ def test_self_distillation_zero_loss_and_unchanged(work):
         assert torch.equal(p, q), n
 
 
-def test_resumed_run_equals_straight_run(work, monkeypatch):
-    """6 steps straight = 3 steps, an interrupt, and 3 resumed steps, metric for metric: student,
-    optimizer, scheduler, both RNGs, monitor (its EMA feeds rollout/growth) and guard state all
-    come back. stable-opd + guard also checks that the reference model stays the initial student."""
-    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
-    cfg = lambda name, **kw: _tiny_cfg(work, "stable-opd", run_name=name, steps=6, guard=True, **kw)
-    straight = opd.run_opd(cfg("straight", save_every=0))
-    real = opd.LengthMonitor.update
-
-    def interrupted(self, seqs, step):
-        if step == 4:
-            raise KeyboardInterrupt                                  # Ctrl-C after step 3 was logged
-        return real(self, seqs, step)
-
-    monkeypatch.setattr(opd.LengthMonitor, "update", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        opd.run_opd(cfg("cut", save_every=3))
-    monkeypatch.undo()
-    run_dir = work / "inproc" / "cut"
-    assert [r["step"] for r in opd.read_metrics(run_dir / "metrics.jsonl")] == [0, 1, 2, 3]
-    assert opd.torch.load(run_dir / "checkpoint.pt", weights_only=False)["step"] == 3
-    resumed = opd.run_opd(cfg("cut", save_every=3, resume=True))
-    assert [r["step"] for r in resumed] == list(range(7))
-    assert strip(resumed) == strip(straight)
-    with pytest.raises(SystemExit, match="was written with --lr 0.001"):   # other settings: refused, nothing lost
-        opd.run_opd(cfg("cut", save_every=3, resume=True, lr=3e-4))
-    assert strip(opd.read_metrics(run_dir / "metrics.jsonl")) == strip(straight)
+OPD_TERM = {"drop-trunc", "overlong", "adv-log", "adv-clip", "eos-mask", "full-vocab", "prefix-opd", "iw-opd", "topk"}
+EXTRA_TERMS = {"stable-opd": ("ref_kl", "sft"), "ref-kl": ("ref_kl",), "mixture": ("sft",), "sft-only": ("sft",),
+               "seq-kd": ("seq_kd",)}
 
 
-def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
-    """A kill in the middle of torch.save leaves the previous checkpoint whole."""
-    model = torch.nn.Linear(2, 2)
-    opt = torch.optim.AdamW(model.parameters())
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    mon, rng, path = opd.LengthMonitor(2, 8), random.Random(0), tmp_path / "checkpoint.pt"
-    opd.save_checkpoint(path, 5, opd.Config(), model, opt, sched, (rng,), mon, None, {})
-    real = torch.save
-
-    def killed(obj, f):
-        real(obj, f)
-        Path(f).write_bytes(Path(f).read_bytes()[:100])              # half written, then the process dies
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(opd.torch, "save", killed)
-    with pytest.raises(KeyboardInterrupt):
-        opd.save_checkpoint(path, 10, opd.Config(), model, opt, sched, (rng,), mon, None, {})
-    assert torch.load(path, weights_only=False)["step"] == 5
+@pytest.fixture(scope="module")
+def plain_rows(work):
+    return opd.run_opd(_tiny_cfg(work, run_name="plain-for-presets"))
 
 
-def test_ctrl_c_names_the_resume_command(work, tmp_path):
-    """SIGINT during a study: the message gives the command that continues it, and that command
-    finishes the run from its checkpoint."""
-    import shlex
-    import signal
-    args = [*TINY, "--methods", "opd", "--seeds", "1", "--steps", "30", "--eval-every", "15", "--save-every", "2", "--cache-dir",
-            str(work / "cache"), "--out-dir", str(tmp_path / "runs"), "--plots-dir", str(tmp_path / "plots")]
-    p = subprocess.Popen([sys.executable, str(HERE / "opd.py"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, cwd=HERE, env=dict(os.environ, PYTHONPATH=str(HERE)))
-    for line in p.stdout:
-        if "step    3" in line:
-            break
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=120)
-    assert p.returncode == 1 and "Traceback" not in err, err
-    cmd = shlex.split(err.strip().splitlines()[-1])
-    assert cmd[-1] == "--resume" and cmd[2:-1] == args, err
-    done = [r["step"] for r in opd.read_metrics(tmp_path / "runs" / "opd-s0" / "metrics.jsonl")]
-    assert 4 <= len(done) < 31                                        # stopped mid-run
-    cfg, given = opd.parse_config(cmd[2:])                            # the printed command, run in-process
-    rows = opd.run_opd(opd.config_for(cfg, "opd", cfg.seed, given), "opd")
-    assert [r["step"] for r in rows] == list(range(31)) and cfg.resume
-    assert opd.read_metrics(tmp_path / "runs" / "opd-s0" / "metrics.jsonl")[:len(done) - 2] == \
-        opd.read_metrics(tmp_path / "runs" / "opd-s0" / "metrics.prev.jsonl")[:len(done) - 2]   # earlier steps kept as logged
-
-
-@pytest.mark.parametrize("method", ["stable-opd", "sft-only", "drop-trunc", "overlong", "adv-log", "eos-mask",
-                                    "rep-penalty", "opd+guard", "full-vocab"])
-def test_every_method_runs(work, method):
-    rows = opd.run_opd(_tiny_cfg(work, method=method), method)
-    assert len(rows) == 5 and all(math.isfinite(r["loss/total"]) for r in rows if "loss/total" in r)
+@pytest.mark.parametrize("method", [m for m in opd.METHODS if m != "opd"])
+def test_every_preset_runs_with_its_own_term_on(work, plain_rows, method):
+    """Each preset trains, and what sets it apart from plain OPD is on in its logs: its extra loss
+    term, or on step 0's rollouts (the same as plain OPD's) an OPD term of another value, or other
+    rollouts (rep-penalty), or the guard's action (an alert forced at step 1)."""
+    extra = {"opd+guard": {"alert_max_len": 1}, "prefix-opd": {"prefix_len": 4}, "adv-clip": {"adv_clip": 0.05},
+             "rep-penalty": {"rep_penalty": 50.0}}.get(method, {})            # settings that act on a tiny pair
+    rows = opd.run_opd(_tiny_cfg(work, method=method, **extra), method)
+    train, plain = [r for r in rows if "loss/total" in r], plain_rows[0]
+    assert len(rows) == 5 and all(math.isfinite(r["loss/total"]) for r in train)
+    for term in EXTRA_TERMS.get(method, ()):
+        assert all(r[f"loss/{term}"] > -1e-6 for r in train) and train[-1][f"loss/{term}"] > 0, term
+    if method == "sft-only":
+        assert all(r["loss/total"] == pytest.approx(opd.STABLE_OPD["sft_coef"] * r["loss/sft"]) for r in train)
+    if method in OPD_TERM:
+        assert 0 < plain["rollout/trunc_rate"] < 1                 # stopped and truncated rollouts: every fix acts
+        assert train[0]["rollout/len_mean"] == plain["rollout/len_mean"] and train[0]["loss/opd"] != plain["loss/opd"]
+    if method == "rep-penalty":
+        assert (train[0]["rollout/len_mean"], train[0]["loss/opd"]) != (plain["rollout/len_mean"], plain["loss/opd"])
+    if method == "opd+guard":
+        assert train[1].get("guard/acted") == 1 and "loss/sft" in train[2] and "loss/sft" not in train[1]
 
 
 def test_sft_only_does_not_depend_on_the_teacher(work):
@@ -815,8 +935,10 @@ def test_evaluation_does_not_touch_training_randomness(work):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_run(work):
-    rows = opd.run_opd(_tiny_cfg(work, run_name="cuda", device="cuda", chunk_size=4), "stable-opd")
+    """Stable-OPD on CUDA (a bfloat16 teacher, chunked loss): finite, and both of its terms on."""
+    rows = opd.run_opd(_tiny_cfg(work, "stable-opd", run_name="cuda", device="cuda", chunk_size=4), "stable-opd")
     assert len(rows) == 5 and all(math.isfinite(r["loss/total"]) for r in rows if "loss/total" in r)
+    assert all(r["loss/ref_kl"] >= 0 and r["loss/sft"] > 0 for r in rows if "loss/total" in r)
 
 
 def test_chunked_run_equals_unchunked(work):
@@ -824,125 +946,6 @@ def test_chunked_run_equals_unchunked(work):
     a = opd.run_opd(_tiny_cfg(work, run_name="u", objective="full"))
     b = opd.run_opd(_tiny_cfg(work, run_name="c3", objective="full", chunk_size=3))
     assert strip(a) == strip(b)
-
-
-# ----------------------------------------------------------------------------- bad input
-
-def test_wrong_model_path(tmp_path):
-    r = cli("--teacher", str(tmp_path / "nope"), "--student", str(tmp_path / "nope"), "--steps", "1", check=False)
-    assert r.returncode != 0 and "does not exist" in r.stderr
-    (tmp_path / "empty").mkdir()                                # a folder, but no model in it
-    r = cli("--teacher", str(tmp_path / "empty"), "--student", str(tmp_path / "empty"), "--steps", "1", check=False)
-    assert r.returncode != 0 and "could not load a model" in r.stderr
-
-
-def test_prompt_file_errors(work, tmp_path):
-    (tmp_path / "empty.jsonl").write_text("\n")
-    (tmp_path / "bad.jsonl").write_text('{"prompt": "a b x 2 ="}\n{oops\n')
-    (tmp_path / "noprompt.jsonl").write_text('{"question": "a"}\n')
-    for name, msg in [("empty", "holds no prompts"), ("bad", "bad.jsonl:2 is not valid JSON"),
-                      ("noprompt", 'no string "prompt"'), ("missing", "does not exist")]:
-        with pytest.raises(SystemExit, match=re.escape(msg)):
-            opd.read_prompts(str(tmp_path / f"{name}.jsonl"))
-    r = cli(*TINY, "--prompts", str(tmp_path / "bad.jsonl"), "--cache-dir", str(work / "cache"),   # and on the command line
-            "--out-dir", str(tmp_path / "r"), "--plots-dir", str(tmp_path / "p"), check=False)
-    assert r.returncode != 0 and "bad.jsonl:2 is not valid JSON" in r.stderr, r.stderr[-500:]
-    assert not (tmp_path / "r").exists()                                  # nothing ran
-
-
-def test_sft_coef_without_any_answer_is_refused(work, tmp_path):
-    (tmp_path / "noanswer.jsonl").write_text("".join(f'{{"prompt": "a b x {k} ="}}\n' for k in range(1, 6)) * 4)
-    cfg = _tiny_cfg(work, method="stable-opd", prompts=str(tmp_path / "noanswer.jsonl"))
-    with pytest.raises(SystemExit, match="--sft-coef needs reference answers"):
-        opd.load_models_and_data(cfg, torch.device("cpu"))
-
-
-# one bad value per numeric or choice flag (a new such flag without an entry here fails the test below)
-BAD_VALUES = {
-    "methods": "opd,nope", "seeds": "0", "seed": "-1", "pair_seed": "-1", "device": "gpu", "workers": "-1", "teacher_layers": "0",
-    "teacher_width": "30", "teacher_steps": "0", "teacher_free_frac": "1.5", "teacher_overrun_frac": "0.6", "gold_size": "-1", "opd_coef": "-1", "student_layers": "0", "student_width": "0",
-    "student_steps": "-3", "student_free_frac": "-0.1", "pretrain_lr": "0", "steps": "0", "batch_size": "0", "lr": "-1",
-    "temperature": "0", "max_new_tokens": "0", "objective": "kl", "loss_agg": "sum", "warmup": "-1", "decay": "-1", "grad_clip": "0",
-    "chunk_size": "-8", "length_groups": "0", "ref_kl": "-0.1", "sft_coef": "nan", "trunc_weight": "2",
-    "overlong_buffer": "49", "adv_regulation": "tanh", "adv_clip": "0", "rep_penalty": "0", "rep_window": "0",
-    "rep_tau": "-1", "alert_max_len": "-1", "alert_trunc": "1.2", "alert_rep": "-0.5", "alert_growth": "0",
-    "alert_patience": "0", "eval_every": "0", "eval_size": "0", "log_samples_every": "-1", "threads": "0", "save_every": "-1",
-    "teacher": "some/path", "student": "some/path",             # each without the other
-}
-
-
-def test_every_numeric_or_choice_flag_has_a_bad_value():
-    numeric = {f.name for f in opd.dataclasses.fields(opd.Config) if f.type in ("int", "float")}
-    choice = {"methods", "device", "objective", "loss_agg", "adv_regulation"}
-    assert numeric | choice <= set(BAD_VALUES), sorted(numeric | choice - set(BAD_VALUES))
-
-
-@pytest.mark.parametrize("name", sorted(BAD_VALUES))
-def test_bad_flag_value_one_line_exit_2(name, capsys):
-    flag, value = "--" + name.replace("_", "-"), BAD_VALUES[name]
-    with pytest.raises(SystemExit) as e:
-        opd.parse_config([flag, value])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1, err
-    typ = {"int": int, "float": float, "str": str}[{f.name: f.type for f in opd.dataclasses.fields(opd.Config)}[name]]
-    assert err.startswith(f"error: {flag} must be ") and err.rstrip().endswith(f"(got {typ(value)!r})"), err
-
-
-def test_bad_flag_through_the_command_line(tmp_path):
-    """As a new user types it: no traceback, one line on stderr, exit code 2, nothing built."""
-    r = cli("--temperature", "0", "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "r"), check=False)
-    assert r.returncode == 2 and r.stderr == "error: --temperature must be > 0 (sampling divides the logits by it) (got 0.0)\n"
-    assert not r.stdout and not (tmp_path / "cache").exists() and not (tmp_path / "r").exists()
-
-
-def test_unparsable_flag_value_one_line_exit_2(capsys):
-    with pytest.raises(SystemExit) as e:
-        opd.parse_config(["--lr", "abc"])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: argument --lr: invalid float value: 'abc'")
-
-
-def test_preset_combined_with_flags_is_validated(capsys):
-    base, _ = opd.parse_config(["--max-new-tokens", "8"])             # valid alone
-    with pytest.raises(SystemExit) as e:
-        opd.config_for(base, "overlong", 0)                           # the preset's buffer of 12 exceeds the budget of 8
-    assert e.value.code == 2 and "--overlong-buffer must be between 0 and --max-new-tokens (8) (got 12)" in capsys.readouterr().err
-
-
-def test_flag_given_at_its_default_wins_over_the_preset():
-    """--methods sft-only --opd-coef 1.0: the flag was given, so it wins, although 1.0 is its default."""
-    base, given = opd.parse_config(["--methods", "sft-only", "--opd-coef", "1.0"])
-    cfg = opd.config_for(base, "sft-only", 0, given)
-    assert (cfg.opd_coef, cfg.sft_coef) == (1.0, opd.STABLE_OPD["sft_coef"])
-    base, given = opd.parse_config(["--methods", "sft-only"])
-    assert opd.config_for(base, "sft-only", 0, given).opd_coef == 0.0             # not given: the preset's
-
-
-def test_run_name_shared_by_several_runs_is_refused(capsys):
-    for argv in (["--methods", "opd,stable-opd", "--seeds", "1"], ["--methods", "opd", "--seeds", "2"]):
-        with pytest.raises(SystemExit) as e:
-            opd.parse_config([*argv, "--run-name", "x"])
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: --run-name must be empty"), err
-    cfg, _ = opd.parse_config(["--methods", "opd", "--seeds", "1", "--run-name", "x"])   # one run: fine
-    assert cfg.run_name == "x"
-
-
-def test_mismatched_tokenizers(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    words = ["<pad>", "<bos>", "<eos>", "<unk>", "zz"]
-    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    other = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                    unk_token="<unk>")
-    for name, t in (("s", opd.build_tokenizer()), ("t", other)):
-        m = opd.make_model(t, 1, 16)
-        m.save_pretrained(tmp_path / name)
-        t.save_pretrained(tmp_path / name)
-    r = cli("--teacher", str(tmp_path / "t"), "--student", str(tmp_path / "s"), "--steps", "1", "--out-dir",
-            str(tmp_path / "r"), check=False)
-    assert r.returncode != 0 and "tokenizers differ" in r.stderr
 
 
 def test_nan_loss_stops_cleanly_and_keeps_metrics(work, monkeypatch):
@@ -963,157 +966,41 @@ def test_nan_loss_stops_cleanly_and_keeps_metrics(work, monkeypatch):
     assert [r["step"] for r in rows] == [0, 1]                  # every completed step, intact JSON
     assert (work / "inproc" / "nan" / "metrics.prev.jsonl").read_text() == good   # the earlier run kept
 
-
-# ----------------------------------------------------------------------------- docs
-
-def tutorial_block(marker: str) -> str:
-    """The one ```python block of tutorial.md that contains `marker`: the tests run it as written."""
-    blocks = [b for b in re.findall(r"```python\n(.*?)```", (HERE / "tutorial.md").read_text(), re.S) if marker in b]
-    assert len(blocks) == 1, f"{len(blocks)} tutorial blocks contain {marker!r}"
-    return blocks[0]
-
-
-def test_tutorial_names_exist_in_opd():
-    text = (HERE / "tutorial.md").read_text()
-    names = set(re.findall(r"`([A-Za-z_][A-Za-z0-9_]*)\(\)`", text))
-    assert len(names) >= 15
-    peers = set(re.findall(r"^(?:def|class) (\w+)", (HERE / "peers" / "trl_opd.py").read_text(), re.M))
-    missing = sorted(n for n in names if not hasattr(opd, n) and n not in peers)
-    assert not missing, f"tutorial.md names functions that neither opd.py nor peers/trl_opd.py defines: {missing}"
+def test_console_prints_a_line_every_log_every_steps_each_with_its_run(work, capsys):
+    """--log-every 2 on 4 steps: lines at steps 0 and 2 and the last, plus the evaluations and the
+    final one, every line of the run prefixed with its name."""
+    opd.run_opd(opd.with_settings(_tiny_cfg(work, run_name="quiet"), log_every=2, eval_every=10,
+                                  log_samples_every=0))
+    lines = [l for l in capsys.readouterr().out.splitlines() if re.search(r" step +\d+(/| final)", l)]
+    assert all(l.startswith("[opd s0] step") for l in lines), lines
+    assert [l.split()[3] for l in lines[:-1]] == ["0/4", "2/4", "3/4"] and "final" in lines[-1]
 
 
-def test_documented_figures_and_tables_are_tracked():
-    """Every plots/ file the docs show or cite is in the repository (git ls-files): a figure
-    written but ignored or never added shows as a broken image on a fresh checkout."""
-    text = (HERE / "tutorial.md").read_text() + (HERE / "README.md").read_text()
-    cited = set(re.findall(r"plots/[\w/.-]+\.(?:png|csv|md)", text))
-    assert {"plots/fig1_inflation.png", "plots/real/fig1_inflation.png"} <= cited     # the pattern finds them
-    import shutil
-    if not (HERE / ".git").exists() or not shutil.which("git"):
-        pytest.skip("not a git checkout")
-    tracked = set(subprocess.run(["git", "ls-files", "plots"], cwd=HERE, capture_output=True, text=True).stdout.split())
-    assert not cited - tracked, f"the docs cite files the repository lacks: {sorted(cited - tracked)}"
+# ----------------------------------------------------------------------------- 7. Real models
+
+def test_wrong_model_path(tmp_path):
+    r = cli("--teacher", str(tmp_path / "nope"), "--student", str(tmp_path / "nope"), "--steps", "1", check=False)
+    assert r.returncode != 0 and "does not exist" in r.stderr
+    (tmp_path / "empty").mkdir()                                # a folder, but no model in it
+    r = cli("--teacher", str(tmp_path / "empty"), "--student", str(tmp_path / "empty"), "--steps", "1", check=False)
+    assert r.returncode != 0 and "could not load a model" in r.stderr
 
 
-def test_documented_flags_exist():
-    text = (HERE / "tutorial.md").read_text() + (HERE / "README.md").read_text()
-    other = ("pip ", "accelerate launch", "trl_opd.py")            # lines with pip's, accelerate's or the peer script's flags
-    text = "\n".join(l for l in text.splitlines() if not any(o in l for o in other))
-    flags = set(re.findall(r"(?<![\w-])--([a-z][a-z0-9-]*)(?!\w)", text))
-    assert {"teacher-free-frac", "teacher-overrun-frac", "alert-patience"} <= flags  # the pattern finds them
-    known = {f.name.replace("_", "-") for f in opd.dataclasses.fields(opd.Config)}
-    assert not flags - known - {"help"}, f"the docs name flags opd.py lacks: {sorted(flags - known)}"
-
-
-def test_study_workers_default_to_cores_capped_by_runs(monkeypatch):
-    monkeypatch.setattr(opd.os, "sched_getaffinity", lambda pid: set(range(8)))     # an 8-core machine
-    assert opd.study_workers(opd.Config(), 33) == 8                                  # the whole study
-    assert opd.study_workers(opd.Config(), 3) == 3                                   # --methods opd: 3 seeds
-    assert opd.study_workers(opd.Config(threads=2), 33) == 4                         # cores / threads
-    assert opd.study_workers(opd.Config(workers=2), 33) == 2                         # the flag wins
-    assert opd.study_workers(opd.Config(workers=5), 1) == 1
-    monkeypatch.setattr(opd.os, "sched_getaffinity", lambda pid: {0})
-    assert opd.study_workers(opd.Config(threads=4), 33) == 1                         # never 0
-
-
-def test_tutorial_monitor_snippet_runs():
-    """Section 3's snippet for other loops, as written there, on two steps of responses: the
-    second holds loops, and the repetition alert of the default thresholds fires on it."""
-    import types
-    block = tutorial_block("monitor = LengthMonitor(eos_id=tokenizer.eos_token_id")
-    setup, per_step = block.split("# each step", 1)
-    logged = []
-    ns = {"tokenizer": opd.build_tokenizer(), "max_new_tokens": 48,
-          "wandb": types.SimpleNamespace(log=lambda d, step: logged.append((step, d)))}
-    exec(setup, ns)
-    for step, loops in enumerate([0, 3, 3]):
-        ns["step"], ns["responses"] = step, [[5, 6, 7, 2]] * (20 - loops) + [[5, 6] * 24] * loops
-        exec("# each step" + per_step, ns)
-    assert [s for s, _ in logged] == [0, 1, 2] and logged[0][1]["rollout/len_mean"] == 4
-    assert "rollout/alert/rep_rate" in logged[2][1] and "rollout/alert/rep_rate" not in logged[1][1]
-
-
-def test_study_plots_dir_keeps_committed_figures():
-    assert opd.study_plots_dir(opd.Config()) == Path("plots")
-    assert opd.study_plots_dir(opd.Config(workers=1, save_every=0)) == Path("plots")   # the same numbers
-    assert opd.study_plots_dir(opd.Config(threads=2)) == Path("runs") / "plots"       # other arithmetic
-    assert opd.study_plots_dir(opd.Config(methods="opd", seeds=1)) == Path("runs") / "plots"
-    assert opd.study_plots_dir(opd.Config(lr=3e-4, out_dir="r")) == Path("r") / "plots"
-    assert opd.study_plots_dir(opd.Config(methods="opd", plots_dir="p")) == Path("p")
-    assert opd.study_plots_dir(opd.Config(methods="all", workers=1)) == Path("plots") / "all"
-    assert opd.study_plots_dir(opd.Config(methods="all", seeds=1)) == Path("runs") / "plots"
-
-
-def test_opd_comes_first_and_machinery_after_the_banner():
-    """Sections 1-5 hold OPD alone; validation, presets, checkpoints, signals, tables, plots and
-    the command line are defined below the banner that ends them."""
-    src = (HERE / "opd.py").read_text()
-    banner = src.index("#   OPD ends here")
-    where = lambda name: re.search(rf"^(def|class) {name}\b|^{name} = ", src, re.M).start()
-    for name in ("validate_config", "parse_config", "config_for", "METHODS", "RunLog", "save_checkpoint", "load_checkpoint",
-                 "signal_table", "warning_signals", "write_results", "plot_study", "summarize", "load_pretrained"):
-        assert where(name) > banner, name
-    for name in ("Config", "response_mask", "aggregate_loss", "MotifTask", "LengthMonitor", "sample_rollouts", "run_opd",
-                 "opd_loss", "Guard"):
-        assert where(name) < banner, name
-    run_opd = src[where("run_opd"):]
-    run_opd = run_opd[:re.search(r"^\S", run_opd[1:], re.M).start() + 1]
-    assert len(run_opd.strip().splitlines()) <= 100
-
-
-def test_help_strings_say_what_and_why_not_what_a_run_measured():
-    words = re.compile(r"\b(measured|collapsed|inflated|learned|gave|reached|never|seed-dependent)\b", re.I)
-    bad = {f.name: f.metadata["help"] for f in opd.dataclasses.fields(opd.Config) if words.search(f.metadata["help"])}
-    assert not bad, bad
-
-
-def test_tutorial_sections_match_banners():
-    banners = re.findall(r"^# (\d)\. (.+)$", (HERE / "opd.py").read_text(), re.M)
-    heads = re.findall(r"^## (\d)\. (.+)$", (HERE / "tutorial.md").read_text(), re.M)
-    assert [b[0] for b in banners] == [h[0] for h in heads] == [str(i) for i in range(1, 9)]
-    for (_, b), (_, h) in zip(banners, heads):
-        assert b.split(":")[0].strip().lower() == h.split(":")[0].strip().lower()
-
-
-# ----------------------------------------------------------------------------- 6. real models
-
-CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def bpe_tokenizer(vocab=32_000, eos="<|im_end|>"):
-    """A byte-level BPE tokenizer of a realistic vocabulary size with a chat template, built
-    locally (no download), like Qwen's: trained in ~2 s on generated syllable text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def test_mismatched_tokenizers(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-    rnd = random.Random(0)
-    syl = [a + b for a in "bcdfghjklmnprstvwz" for b in "aeiou"]
-    words = sorted({"".join(rnd.choice(syl) for _ in range(rnd.randint(1, 4))) for _ in range(60_000)})
-    corpus = [" ".join(rnd.choice(words) for _ in range(30)) for _ in range(4000)]
-    raw = Tokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    raw.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=vocab, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token=eos, pad_token="<|endoftext|>")
-    tok.chat_template = CHAT
-    return tok
-
-
-@pytest.fixture(scope="session")
-def real_pairs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("real")
-    tok = bpe_tokenizer()
-    for arch in ("llama", "qwen2"):
-        for role, layers, width in (("student", 1, 32), ("teacher", 2, 64)):
-            torch.manual_seed(0)
-            m = opd.make_model(tok, layers, width, arch)
-            m.save_pretrained(d / arch / role)
-            tok.save_pretrained(d / arch / role)
-    rows = [{"prompt": "bada kelo mi", "answer": "sute"}, {"prompt": "zo ruka", "answer": None}] * 8
-    (d / "prompts.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    return d, tok
+    words = ["<pad>", "<bos>", "<eos>", "<unk>", "zz"]
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    other = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                    unk_token="<unk>")
+    for name, t in (("s", opd.build_tokenizer()), ("t", other)):
+        m = opd.make_model(t, 1, 16)
+        m.save_pretrained(tmp_path / name)
+        t.save_pretrained(tmp_path / name)
+    r = cli("--teacher", str(tmp_path / "t"), "--student", str(tmp_path / "s"), "--steps", "1", "--out-dir",
+            str(tmp_path / "r"), check=False)
+    assert r.returncode != 0 and "tokenizers differ" in r.stderr
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -1143,46 +1030,6 @@ def test_real_pair_eos_mismatch(real_pairs, tmp_path):
     assert r.returncode != 0 and "EOS ids differ" in r.stderr and "length inflation" in r.stderr
 
 
-def _save_pair(d, tok_s, tok_t, arch="llama", scale=1.0):
-    """A student (1 layer) and a teacher (2 layers) saved with their tokenizers; scale > 1 makes the
-    random teacher a chaotic function of its input, so a changed prompt changes its log-probs."""
-    for role, tok, layers, width in (("student", tok_s, 1, 32), ("teacher", tok_t, 2, 64)):
-        torch.manual_seed({"student": 0, "teacher": 1}[role])
-        m = opd.make_model(tok, layers, width, arch)
-        with torch.no_grad():
-            for p in m.parameters():
-                p.mul_(scale if role == "teacher" else 1.0)
-        m.save_pretrained(d / role)
-        tok.save_pretrained(d / role)
-    return str(d / "student"), str(d / "teacher")
-
-
-def _capture(monkeypatch):
-    """Record what the loop passes to sample_rollouts (training calls only) and what token_terms returns."""
-    seen = {"prompts": [], "terms": []}
-    real_sample, real_terms = opd.sample_rollouts, opd.token_terms
-
-    def sample(model, ids, attn, *a, greedy=False, **k):
-        if not greedy and k.get("generator") is None:       # evaluation samples with a generator of its own
-            seen["prompts"].append((ids, attn))
-        return real_sample(model, ids, attn, *a, greedy=greedy, **k)
-
-    def terms(h_s, head_s, h_t, head_t, tokens, *a, **k):
-        out = real_terms(h_s, head_s, h_t, head_t, tokens, *a, **k)
-        seen["terms"].append((tokens, {n: v.detach() for n, v in out.items()}))
-        return out
-
-    monkeypatch.setattr(opd, "sample_rollouts", sample)
-    monkeypatch.setattr(opd, "token_terms", terms)
-    return seen
-
-
-def _real_cfg(d, s_path, t_path, prompts, **kw):
-    return opd.Config(**dict(dict(teacher=t_path, student=s_path, prompts=prompts, methods="opd", seeds=1, steps=2,
-                                  batch_size=6, max_new_tokens=6, eval_every=10, workers=1, log_samples_every=0,
-                                  out_dir=str(d / "runs")), **kw))
-
-
 def test_teacher_scores_in_its_own_chat_format(real_pairs, tmp_path, monkeypatch, capsys):
     """Student and teacher share the vocabulary and EOS but not the chat template: the teacher's
     log-probs in the loop equal a direct forward of the teacher on its own rendering of the prompt
@@ -1196,24 +1043,30 @@ def test_teacher_scores_in_its_own_chat_format(real_pairs, tmp_path, monkeypatch
     opd.run_opd(_real_cfg(tmp_path, s_path, t_path, str(d / "prompts.jsonl")), "opd")
     assert "chat formats differ" in capsys.readouterr().out
     _, teacher = opd.load_pretrained(t_path, "cpu")
-    texts = sorted({json.loads(l)["prompt"] for l in (d / "prompts.jsonl").read_text().splitlines()})
-    by_ids = {tuple(opd.prompt_token_ids(tok, [t])[0]): t for t in texts}
-    checked = 0
-    for (ids, attn), (resp, terms) in zip(seen["prompts"], seen["terms"]):
-        _, lengths, _ = opd.response_mask(resp, tok.eos_token_id)
-        for i in range(resp.shape[0]):
-            text, y = by_ids[tuple(ids[i][attn[i].bool()].tolist())], resp[i, :lengths[i]]
-            direct = {}
-            for who, t in (("own", tok_t), ("student's", tok)):
-                p = opd.prompt_token_ids(t, [text])[0]
-                with torch.no_grad():
-                    logits = teacher(torch.tensor([p + y.tolist()])).logits[0, len(p) - 1:-1]
-                direct[who] = F.log_softmax(logits.float(), -1).gather(-1, y[:, None]).squeeze(-1)
-            got = terms["logp_teacher"][i, :lengths[i]]
-            torch.testing.assert_close(got, direct["own"], atol=1e-4, rtol=1e-4)
-            assert (got - direct["student's"]).abs().max() > 1e-2      # the other rendering would score differently
-            checked += 1
-    assert checked == 12 and len(set(by_ids.values())) == 2
+    own = _teacher_scores(seen, tok, d / "prompts.jsonl", teacher, lambda t: opd.prompt_token_ids(tok_t, [t])[0])
+    student = _teacher_scores(seen, tok, d / "prompts.jsonl", teacher, lambda t: opd.prompt_token_ids(tok, [t])[0])
+    for (got, direct), (_, other) in zip(own, student):
+        torch.testing.assert_close(got, direct, atol=1e-4, rtol=1e-4)
+        assert (got - other).abs().max() > 1e-2                      # the other rendering would score differently
+    assert len(own) == 12
+
+def test_teacher_format_plain_reads_the_prompt_as_text(real_pairs, tmp_path, monkeypatch, capsys):
+    """--teacher-format plain: the teacher's prompt ids in the loop are the plain rendering
+    (prompt + newline, no chat template) and its log-probs those of a direct forward on it; the
+    student samples from its chat rendering, as without the flag. check_pair warns first, with
+    its pre-flight log-probs."""
+    d, tok = real_pairs
+    s_path, t_path = _save_pair(tmp_path, tok, tok, scale=8.0)
+    seen = _capture(monkeypatch)
+    opd.run_opd(_real_cfg(tmp_path, s_path, t_path, str(d / "prompts.jsonl"), teacher_format="plain"), "opd")
+    out = capsys.readouterr().out
+    assert "reads prompts through a chat template and the teacher as plain text" in out
+    assert re.search(r"Pre-flight: .* is -?[\d.]+ per token after the student's rendering and -?[\d.]+", out)
+    _, teacher = opd.load_pretrained(t_path, "cpu")
+    scores = _teacher_scores(seen, tok, d / "prompts.jsonl", teacher, lambda t: tok(t + "\n")["input_ids"])
+    for got, direct in scores:
+        torch.testing.assert_close(got, direct, atol=1e-4, rtol=1e-4)
+    assert len(scores) == 12
 
 
 def test_teacher_context_is_read_by_the_teacher_alone(real_pairs, tmp_path, monkeypatch, capsys):
@@ -1226,22 +1079,12 @@ def test_teacher_context_is_read_by_the_teacher_alone(real_pairs, tmp_path, monk
     seen = _capture(monkeypatch)
     opd.run_opd(_real_cfg(tmp_path, s_path, t_path, str(d / "prompts.jsonl"), teacher_context=str(tmp_path / "ctx.json")), "opd")
     _, teacher = opd.load_pretrained(t_path, "cpu")
-    texts = sorted({json.loads(l)["prompt"] for l in (d / "prompts.jsonl").read_text().splitlines()})
-    by_ids = {tuple(opd.prompt_token_ids(tok, [t])[0]): t for t in texts}
-    checked = 0
-    for (ids, attn), (resp, terms) in zip(seen["prompts"], seen["terms"]):
-        _, lengths, _ = opd.response_mask(resp, tok.eos_token_id)
-        for i in range(resp.shape[0]):
-            text = by_ids[tuple(ids[i][attn[i].bool()].tolist())]      # the student saw the bare prompt
-            y = resp[i, :lengths[i]]
-            p = opd.prompt_token_ids(tok, [text], ctx)[0]
-            assert len(p) > len(opd.prompt_token_ids(tok, [text])[0]) + 5
-            with torch.no_grad():
-                logits = teacher(torch.tensor([p + y.tolist()])).logits[0, len(p) - 1:-1]
-            direct = F.log_softmax(logits.float(), -1).gather(-1, y[:, None]).squeeze(-1)
-            torch.testing.assert_close(terms["logp_teacher"][i, :lengths[i]], direct, atol=1e-4, rtol=1e-4)
-            checked += 1
-    assert checked == 12
+    with_context = lambda t: opd.prompt_token_ids(tok, [t], ctx)[0]
+    assert len(with_context("zo ruka")) > len(opd.prompt_token_ids(tok, ["zo ruka"])[0]) + 5
+    scores = _teacher_scores(seen, tok, d / "prompts.jsonl", teacher, with_context)   # the student: bare prompts
+    for got, direct in scores:
+        torch.testing.assert_close(got, direct, atol=1e-4, rtol=1e-4)
+    assert len(scores) == 12
 
 
 def test_teacher_context_file_errors(real_pairs, work, tmp_path):
@@ -1258,8 +1101,22 @@ def test_teacher_context_file_errors(real_pairs, work, tmp_path):
         msg = str(e.value)
         assert msg.startswith("error: ") and msg.count("\n") == 0 and name in msg, msg
     (tmp_path / "ok.json").write_text('[{"role": "user", "content": "a"}]')
-    with pytest.raises(SystemExit, match="needs a teacher tokenizer with a chat template"):   # the word-level toy pair
+    with pytest.raises(SystemExit, match="needs a teacher that reads a chat template"):   # the word-level toy pair
         opd.load_models_and_data(_tiny_cfg(work, teacher_context=str(tmp_path / "ok.json")), torch.device("cpu"))
+
+
+def test_prompt_file_errors(work, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a b x 2 ="}\n{oops\n')
+    (tmp_path / "noprompt.jsonl").write_text('{"question": "a"}\n')
+    for name, msg in [("empty", "holds no prompts"), ("bad", "bad.jsonl:2 is not valid JSON"),
+                      ("noprompt", 'no string "prompt"'), ("missing", "does not exist")]:
+        with pytest.raises(SystemExit, match=re.escape(msg)):
+            opd.read_prompts(str(tmp_path / f"{name}.jsonl"))
+    r = cli(*TINY, "--prompts", str(tmp_path / "bad.jsonl"), "--cache-dir", str(work / "cache"),   # and on the command line
+            "--out-dir", str(tmp_path / "r"), "--plots-dir", str(tmp_path / "p"), check=False)
+    assert r.returncode != 0 and "bad.jsonl:2 is not valid JSON" in r.stderr, r.stderr[-500:]
+    assert not (tmp_path / "r").exists()                                  # nothing ran
 
 
 def test_accept_grader_and_held_out_split(tmp_path):
@@ -1279,6 +1136,13 @@ def test_accept_grader_and_held_out_split(tmp_path):
         (tmp_path / "bad.jsonl").write_text(json.dumps(bad) + "\n")
         with pytest.raises(SystemExit, match=msg):
             opd.read_prompts(str(tmp_path / "bad.jsonl"))
+
+
+def test_sft_coef_without_any_answer_is_refused(work, tmp_path):
+    (tmp_path / "noanswer.jsonl").write_text("".join(f'{{"prompt": "a b x {k} ="}}\n' for k in range(1, 6)) * 4)
+    cfg = _tiny_cfg(work, method="stable-opd", prompts=str(tmp_path / "noanswer.jsonl"))
+    with pytest.raises(SystemExit, match="--sft-coef needs reference answers"):
+        opd.load_models_and_data(cfg, torch.device("cpu"))
 
 
 def test_plurals_script_files_and_check(real_pairs, tmp_path, capsys):
@@ -1361,6 +1225,589 @@ def test_sampling_ignores_generation_config(tmp_path, capsys):
     freq = torch.bincount(first, minlength=len(p)).double() / N
     assert (freq > 0).sum() > 3
     assert ((freq - p).abs() <= 5 * (p * (1 - p) / N).sqrt() + 1e-3).all(), (freq, p)
+
+
+def write_gguf(model, tok, path):
+    """Write a Llama model and its byte-level BPE tokenizer to GGUF with the gguf package's
+    writer, float32 tensors, under the names and the Q/K row order llama.cpp's converter uses."""
+    import gguf
+    c, n_layers = model.config, model.config.num_hidden_layers
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(n_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    raw = json.loads(tok.backend_tokenizer.to_str())["model"]
+    special = set(tok.all_special_ids)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([t for t, _ in sorted(raw["vocab"].items(), key=lambda kv: kv[1])])
+    w.add_token_types([gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(len(raw["vocab"]))])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in raw["merges"]])
+    w.add_eos_token_id(tok.eos_token_id)
+    w.add_pad_token_id(tok.pad_token_id)
+    w.add_chat_template(tok.chat_template)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    for name, t in model.state_dict().items():
+        t = t.float().numpy()
+        heads = {"q_proj": c.num_attention_heads, "k_proj": c.num_key_value_heads}.get(name.split(".")[-2])
+        if heads:                                        # llama.cpp interleaves the rotary halves
+            t = t.reshape(heads, 2, t.shape[0] // heads // 2, t.shape[1]).swapaxes(1, 2).reshape(t.shape)
+        w.add_tensor(names.get_name(name.rsplit(".", 1)[0]) + ".weight", t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_round_trip(tmp_path):
+    """A model written to GGUF loads back through --teacher/--student paths with the same
+    tokenizer and logits, trains and saves like any model."""
+    pytest.importorskip("gguf", reason="optional: pip install -r requirements-test.txt")
+    tok = bpe_tokenizer(vocab=2_000)
+    torch.manual_seed(0)
+    model = opd.make_model(tok, 2, 32).eval()
+    write_gguf(model, tok, tmp_path / "tiny.gguf")
+    tok2, loaded = opd.load_pretrained(str(tmp_path / "tiny.gguf"), "cpu", torch.float32)
+    text = "bada kelo mi zo ruka"
+    assert tok2(text)["input_ids"] == tok(text)["input_ids"] != []
+    assert tok2.eos_token_id == tok.eos_token_id and tok2.chat_template == tok.chat_template
+    ids = torch.tensor([tok(text)["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+    loaded.save_pretrained(tmp_path / "saved")                # refused by transformers for a raw gguf load
+    tok2.save_pretrained(tmp_path / "saved")
+    _, again = opd.load_pretrained(str(tmp_path / "saved"), "cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_gguf_through_the_flags_and_save_student(tmp_path):
+    """A .gguf file as --teacher and --student (the same file), --save-student writes a model
+    that loads back; without the gguf package the error is one line that says what to install."""
+    pytest.importorskip("gguf", reason="optional: pip install -r requirements-test.txt")
+    tok = bpe_tokenizer(vocab=2_000)
+    torch.manual_seed(0)
+    write_gguf(opd.make_model(tok, 1, 32), tok, tmp_path / "m.gguf")
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "bada kelo mi", "answer": "sute"}\n' * 16)
+    args = ["--teacher", str(tmp_path / "m.gguf"), "--student", str(tmp_path / "m.gguf"), "--prompts",
+            str(tmp_path / "prompts.jsonl"), "--methods", "opd", "--seeds", "1", "--steps", "1", "--batch-size", "2",
+            "--max-new-tokens", "4", "--eval-every", "1", "--workers", "1", "--out-dir", str(tmp_path / "runs"),
+            "--plots-dir", str(tmp_path / "plots")]
+    cli(*args, "--save-student")
+    _, saved = opd.load_pretrained(str(tmp_path / "runs" / "opd-s0" / "student"), "cpu")
+    assert saved.config.num_hidden_layers == 1
+    (tmp_path / "hide").mkdir()
+    (tmp_path / "hide" / "gguf.py").write_text("raise ImportError('hidden for the test')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "hide"), str(HERE)]))
+    r = subprocess.run([sys.executable, str(HERE / "opd.py"), *args], capture_output=True, text=True, env=env)
+    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0, r.stderr[-2000:]
+    assert "is a GGUF file" in r.stderr and opd.GGUF_INSTALL in r.stderr
+
+
+# ----------------------------------------------------------------------------- 8. Building the pair
+
+def test_cache_reused_and_rebuilt_on_change(work, capsys):
+    cfg = _tiny_cfg(work)
+    opd.load_models_and_data(cfg, torch.device("cpu"))                   # the session's pair, built once
+    assert "[build]" not in capsys.readouterr().out
+    opd.load_models_and_data(opd.dataclasses.replace(cfg, student_steps=6), torch.device("cpu"))
+    out = capsys.readouterr().out
+    assert "no cached student" in out and "no cached teacher" not in out
+
+
+def test_shipped_pair_matches_its_recorded_checksums():
+    """pair/SHA256SUMS (sha256sum's format) lists every shipped file and its SHA-256."""
+    import hashlib
+    d = HERE / "pair"
+    listed = dict(reversed(line.split("  ", 1)) for line in (d / "SHA256SUMS").read_text().splitlines())
+    files = {str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and p.name != "SHA256SUMS"}
+    assert set(listed) == files and {"teacher/model.safetensors", "student/build.json"} <= files
+    for name, digest in listed.items():
+        assert hashlib.sha256((d / name).read_bytes()).hexdigest() == digest, name
+
+def test_a_damaged_shipped_file_stops_with_one_line(tmp_path, monkeypatch, capsys):
+    """A truncated pair/teacher/model.safetensors: one line naming the file and how to restore it,
+    exit code 2, before any loader runs."""
+    import shutil
+    shutil.copytree(HERE / "pair", tmp_path / "pair")
+    f = tmp_path / "pair" / "teacher" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+    monkeypatch.setattr(opd, "SHIPPED", tmp_path / "pair")
+    with pytest.raises(SystemExit) as e:
+        opd.pair_folders(opd.Config())
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert str(f) in err and "git checkout pair/" in err
+    monkeypatch.setattr(opd, "SHIPPED", HERE / "pair")
+    opd.check_shipped()                                              # the committed pair passes
+
+
+def test_default_settings_load_the_shipped_pair_and_its_recorded_accuracy():
+    """With the default settings, the default pair is the shipped one (no build), and each model gives
+    the held-out greedy accuracy its build.json records, within 3 of MotifTask's 128 prompts: greedy
+    decoding changes only where two tokens tie to within rounding, and evaluating the same weights in
+    float64, or on 2 threads, changed neither model's count (113 and 70 of 128; tutorial, section 2)."""
+    cfg = opd.Config()
+    assert opd.pair_folders(cfg) == opd.default_pair() == (str(HERE / "pair" / "teacher"), str(HERE / "pair" / "student"))
+    assert opd.model_key(opd.Config(pair_seed=1), "teacher") != opd.model_key(cfg, "teacher")
+    task = opd.MotifTask()
+    for path in opd.default_pair():
+        info = json.loads((Path(path) / "build.json").read_text())
+        assert info["key"] == opd.model_key(cfg, info["role"]) and info["settings"] == opd.build_settings(cfg, info["role"])
+        tok, model = opd.load_pretrained(path, "cpu")
+        acc = opd.evaluate(model, tok, task.eval_set, cfg.max_new_tokens)["accuracy"]
+        assert abs(acc - info["accuracy"]) <= 3 / 128, (path, acc, info["accuracy"])
+
+
+# ----------------------------------------------------------------------------- 9. Scaling up
+
+def test_resumed_run_equals_straight_run(work, monkeypatch):
+    """6 steps straight = 3 steps, an interrupt, and 3 resumed steps, metric for metric: student,
+    optimizer, scheduler, both RNGs, monitor (its EMA feeds rollout/growth) and guard state all
+    come back. stable-opd + guard also checks that the reference model stays the initial student."""
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+    cfg = lambda name, **kw: _tiny_cfg(work, "stable-opd", run_name=name, steps=6, guard=True, **kw)
+    straight = opd.run_opd(cfg("straight", save_every=0))
+    real = opd.LengthMonitor.update
+
+    def interrupted(self, seqs, step):
+        if step == 4:
+            raise KeyboardInterrupt                                  # Ctrl-C after step 3 was logged
+        return real(self, seqs, step)
+
+    monkeypatch.setattr(opd.LengthMonitor, "update", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        opd.run_opd(cfg("cut", save_every=3))
+    monkeypatch.undo()
+    run_dir = work / "inproc" / "cut"
+    assert [r["step"] for r in opd.read_metrics(run_dir / "metrics.jsonl")] == [0, 1, 2, 3]
+    assert opd.torch.load(run_dir / "checkpoint.pt", weights_only=False)["step"] == 3
+    resumed = opd.run_opd(cfg("cut", save_every=3, resume=True))
+    assert [r["step"] for r in resumed] == list(range(7))
+    assert strip(resumed) == strip(straight)
+    with pytest.raises(SystemExit, match="was written with --lr 0.001"):   # other settings: refused, nothing lost
+        opd.run_opd(cfg("cut", save_every=3, resume=True, lr=3e-4))
+    assert strip(opd.read_metrics(run_dir / "metrics.jsonl")) == strip(straight)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    """A kill in the middle of torch.save leaves the previous checkpoint whole."""
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    path = tmp_path / "checkpoint.pt"
+    state = opd.TrainState(model, opt, sched, random.Random(0), random.Random(1), torch.Generator(),
+                           torch.Generator(), opd.LengthMonitor(2, 8), None, opd.LossSettings())
+    opd.save_checkpoint(path, 5, opd.Config(), state)
+    real = torch.save
+
+    def killed(obj, f):
+        real(obj, f)
+        Path(f).write_bytes(Path(f).read_bytes()[:100])              # half written, then the process dies
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(opd.torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        opd.save_checkpoint(path, 10, opd.Config(), state)
+    assert torch.load(path, weights_only=False)["step"] == 5
+
+
+def test_ctrl_c_names_the_resume_command(work, tmp_path):
+    """SIGINT during a study: the message gives the command that continues it, and that command
+    finishes the run from its checkpoint."""
+    import shlex
+    import signal
+    args = [*TINY, "--methods", "opd", "--seeds", "1", "--steps", "30", "--eval-every", "15", "--save-every", "2", "--cache-dir",
+            str(work / "cache"), "--out-dir", str(tmp_path / "runs"), "--plots-dir", str(tmp_path / "plots")]
+    p = subprocess.Popen([sys.executable, str(HERE / "opd.py"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, cwd=HERE, env=dict(os.environ, PYTHONPATH=str(HERE)))
+    for line in p.stdout:
+        if "step    3" in line:
+            break
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 1 and "Traceback" not in err, err
+    cmd = shlex.split(err.strip().splitlines()[-1])
+    assert cmd[-1] == "--resume" and cmd[2:-1] == args, err
+    done = [r["step"] for r in opd.read_metrics(tmp_path / "runs" / "opd-s0" / "metrics.jsonl")]
+    assert 4 <= len(done) < 31                                        # stopped mid-run
+    cfg, given = opd.parse_config(cmd[2:])                            # the printed command, run in-process
+    rows = opd.run_opd(opd.config_for(cfg, "opd", cfg.seed, given), "opd")
+    assert [r["step"] for r in rows] == list(range(31)) and cfg.resume
+    assert opd.read_metrics(tmp_path / "runs" / "opd-s0" / "metrics.jsonl")[:len(done) - 2] == \
+        opd.read_metrics(tmp_path / "runs" / "opd-s0" / "metrics.prev.jsonl")[:len(done) - 2]   # earlier steps kept as logged
+
+def test_chunked_loss_peaks_lower_in_memory():
+    """loss_peak_memory: the chunked loss (32 positions at a time) needs a fraction of the memory of
+    the unchunked one for a 20,000-token vocabulary, and gives the same loss."""
+    kw = dict(vocab=20_000, batch=2, length=512, hidden=16)
+    whole = opd.loss_peak_memory(**kw, chunk=0)
+    chunked = opd.loss_peak_memory(**kw, chunk=32)
+    assert chunked["loss_mb"] < 0.5 * whole["loss_mb"] and whole["loss_mb"] > 100, (whole, chunked)
+    assert chunked["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- 10. Study
+
+BAD_VALUES = {
+    "methods": "opd,nope", "seeds": "0", "seed": "-1", "pair_seed": "-1", "device": "gpu", "workers": "-1", "teacher_layers": "0",
+    "teacher_width": "30", "teacher_steps": "0", "teacher_free_frac": "1.5", "teacher_overrun_frac": "0.6", "gold_size": "-1", "opd_coef": "-1", "student_layers": "0", "student_width": "0",
+    "student_steps": "-3", "student_free_frac": "-0.1", "pretrain_lr": "0", "steps": "0", "batch_size": "0", "lr": "-1",
+    "temperature": "0", "max_new_tokens": "0", "objective": "kl", "loss_agg": "sum", "warmup": "-1", "decay": "-1", "grad_clip": "0",
+    "chunk_size": "-8", "length_groups": "0", "ref_kl": "-0.1", "sft_coef": "nan", "trunc_weight": "2",
+    "overlong_buffer": "49", "adv_regulation": "tanh", "adv_clip": "0", "rep_penalty": "0", "rep_window": "0",
+    "rep_tau": "-1", "alert_max_len": "-1", "alert_trunc": "1.2", "alert_rep": "-0.5", "alert_growth": "0",
+    "alert_patience": "0", "eval_every": "0", "eval_size": "0", "log_samples_every": "-1", "threads": "0", "save_every": "-1",
+    "teacher": "some/path", "student": "some/path",             # each without the other
+    "top_k": "0", "seq_kd_coef": "-1", "seq_kd_samples": "129", "seq_kd_temperature": "0", "prefix_len": "49",
+    "iw_gamma": "-0.5", "teacher_format": "chat", "log_every": "0", "guard_fix": "stable",
+}
+
+
+def test_every_numeric_or_choice_flag_has_a_bad_value():
+    numeric = {f.name for f in opd.flag_fields() if f.type in ("int", "float")}
+    choice = {"methods", "device", "objective", "loss_agg", "adv_regulation", "teacher_format", "guard_fix"}
+    assert numeric | choice <= set(BAD_VALUES), sorted(numeric | choice - set(BAD_VALUES))
+
+
+@pytest.mark.parametrize("name", sorted(BAD_VALUES))
+def test_bad_flag_value_one_line_exit_2(name, capsys):
+    flag, value = "--" + name.replace("_", "-"), BAD_VALUES[name]
+    with pytest.raises(SystemExit) as e:
+        opd.parse_config([flag, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    typ = {"int": int, "float": float, "str": str}[{f.name: f.type for f in opd.flag_fields()}[name]]
+    assert err.startswith(f"error: {flag} must be ") and err.rstrip().endswith(f"(got {typ(value)!r})"), err
+
+
+def test_bad_flag_through_the_command_line(tmp_path):
+    """As a new user types it: no traceback, one line on stderr, exit code 2, nothing built."""
+    r = cli("--temperature", "0", "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "r"), check=False)
+    assert r.returncode == 2 and r.stderr == "error: --temperature must be > 0 (sampling divides the logits by it) (got 0.0)\n"
+    assert not r.stdout and not (tmp_path / "cache").exists() and not (tmp_path / "r").exists()
+
+
+def test_unparsable_flag_value_one_line_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        opd.parse_config(["--lr", "abc"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: argument --lr: invalid float value: 'abc'")
+
+
+def test_preset_combined_with_flags_is_validated(capsys):
+    base, _ = opd.parse_config(["--max-new-tokens", "8"])             # valid alone
+    with pytest.raises(SystemExit) as e:
+        opd.config_for(base, "overlong", 0)                           # the preset's buffer of 12 exceeds the budget of 8
+    assert e.value.code == 2 and "--overlong-buffer must be between 0 and --max-new-tokens (8) (got 12)" in capsys.readouterr().err
+
+
+def test_flag_given_at_its_default_wins_over_the_preset():
+    """--methods sft-only --opd-coef 1.0: the flag was given, so it wins, although 1.0 is its default."""
+    base, given = opd.parse_config(["--methods", "sft-only", "--opd-coef", "1.0"])
+    cfg = opd.config_for(base, "sft-only", 0, given)
+    assert (cfg.loss.opd_coef, cfg.loss.sft_coef) == (1.0, opd.STABLE_OPD["sft_coef"])
+    base, given = opd.parse_config(["--methods", "sft-only"])
+    assert opd.config_for(base, "sft-only", 0, given).loss.opd_coef == 0.0        # not given: the preset's
+
+
+def test_run_name_shared_by_several_runs_is_refused(capsys):
+    for argv in (["--methods", "opd,stable-opd", "--seeds", "1"], ["--methods", "opd", "--seeds", "2"]):
+        with pytest.raises(SystemExit) as e:
+            opd.parse_config([*argv, "--run-name", "x"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: --run-name must be empty"), err
+    cfg, _ = opd.parse_config(["--methods", "opd", "--seeds", "1", "--run-name", "x"])   # one run: fine
+    assert cfg.run_name == "x"
+
+
+def test_study_workers_default_to_cores_capped_by_runs(monkeypatch):
+    monkeypatch.setattr(opd.os, "sched_getaffinity", lambda pid: set(range(8)))     # an 8-core machine
+    assert opd.study_workers(opd.Config(), 33) == 8                                  # the whole study
+    assert opd.study_workers(opd.Config(), 3) == 3                                   # --methods opd: 3 seeds
+    assert opd.study_workers(opd.Config(threads=2), 33) == 4                         # cores / threads
+    assert opd.study_workers(opd.Config(workers=2), 33) == 2                         # the flag wins
+    assert opd.study_workers(opd.Config(workers=5), 1) == 1
+    monkeypatch.setattr(opd.os, "sched_getaffinity", lambda pid: {0})
+    assert opd.study_workers(opd.Config(threads=4), 33) == 1                         # never 0
+
+
+def test_study_plots_dir_keeps_committed_figures():
+    assert opd.study_plots_dir(opd.Config()) == Path("plots")
+    assert opd.study_plots_dir(opd.Config(workers=1, save_every=0)) == Path("plots")   # the same numbers
+    assert opd.study_plots_dir(opd.Config(threads=2)) == Path("runs") / "plots"       # other arithmetic
+    assert opd.study_plots_dir(opd.Config(methods="opd", seeds=1)) == Path("runs") / "plots"
+    assert opd.study_plots_dir(opd.Config(lr=3e-4, out_dir="r")) == Path("r") / "plots"
+    assert opd.study_plots_dir(opd.Config(methods="opd", plots_dir="p")) == Path("p")
+    assert opd.study_plots_dir(opd.Config(methods="all", workers=1)) == Path("plots") / "all"
+    assert opd.study_plots_dir(opd.Config(methods="all", seeds=5)) == Path("plots") / "all"   # the five-seed comparison
+    assert opd.study_plots_dir(opd.Config(methods="all", lr=1e-3)) == Path("runs") / "plots"
+    assert opd.study_plots_dir(opd.with_settings(opd.Config(), ref_kl=0.1)) == Path("runs") / "plots"
+
+
+def test_replot_redraws_from_the_run_folders(work, tmp_path):
+    """--replot trains nothing and writes the same table as the run that made the folders."""
+    r = cli(*TINY, "--methods", "opd", "--seeds", "1", "--cache-dir", str(work / "cache"), "--out-dir", str(work / "runs"),
+            "--plots-dir", str(tmp_path / "again"), "--replot")
+    assert "[build]" not in r.stdout and "step    0" not in r.stdout
+    assert (tmp_path / "again" / "results.csv").read_text() == (work / "plots" / "results.csv").read_text()
+    assert {p.name for p in (work / "plots").glob("*.png")} == {p.name for p in (tmp_path / "again").glob("*.png")}
+    r = cli(*TINY, "--methods", "opd", "--seeds", "2", "--out-dir", str(work / "runs"), "--plots-dir", str(tmp_path / "x"),
+            "--replot", check=False)
+    assert r.returncode != 0 and "no run at" in r.stderr and "opd-s1" in r.stderr
+
+def _rows(acc, trunc, every=20):
+    """metrics.jsonl rows: a training row per step with its truncation rate, and the held-out
+    accuracies at steps 0, every, 2 * every, ... and after the last step."""
+    rows = []
+    for s, t in enumerate(trunc):
+        r = {"step": s, "rollout/trunc_rate": t}
+        if s % every == 0:
+            r["eval/accuracy"] = acc[s // every]
+        rows.append(r)
+    return rows + [{"step": len(trunc), "eval/accuracy": acc[-1]}]
+
+
+def test_shape_on_hand_made_runs():
+    """shape(): learned (+0.10 with truncation <= 0.05 before the peak), collapsed (take-off,
+    truncation >= 0.5, final 0.15 under the peak), persisted (>= 0.3 on most steps after it)."""
+    up_down = [0.5, 0.7, 0.7, 0.3, 0.1]                              # evals at 0, 20, 40, 60, 80 and the end
+    collapse = [0.0] * 50 + [0.6] * 30
+    v = opd.shape(_rows(up_down + [0.1], collapse))
+    assert (v["learned"], v["collapsed"], v["persisted"]) == (True, True, True)
+    assert v["verdict"] == "learned, then collapsed"
+    heal = [0.0] * 50 + [0.6] * 5 + [0.0] * 25
+    assert opd.shape(_rows(up_down + [0.1], heal))["verdict"] == "learned, then collapsed, partly recovered"
+    early = [0.0] * 10 + [0.6] * 70                                    # truncation before the peak
+    assert opd.shape(_rows(up_down + [0.1], early))["verdict"] == "collapsed before learning"
+    flat = opd.shape(_rows([0.5, 0.55, 0.58, 0.58, 0.58, 0.58], [0.0] * 80))
+    assert flat["verdict"] == "did not learn, no collapse" and not flat["learned"]
+    kept = opd.shape(_rows([0.5, 0.7, 0.7, 0.7, 0.65, 0.65], [0.0] * 50 + [0.6] * 30))
+    assert kept["verdict"] == "learned, inflated, kept its accuracy" and not kept["collapsed"]
+    assert opd.shape(_rows([0.5, 0.7, 0.8, 0.8, 0.8, 0.8], [0.0] * 80))["verdict"] == "learned, no collapse"
+
+
+
+def test_ranking_sorts_by_the_worst_seed_and_counts_what_held():
+    """A method with a better mean but one bad seed ranks below one whose worst seed is better;
+    held = truncation <= 0.1 on every step and final >= plain OPD's mean peak."""
+    def run(m, s, final, trunc):
+        rows = _rows([0.5, 0.8, final], [trunc] * 30)
+        for r in rows:
+            r.update({f"time/{k}_s": 1.0 for k in ("rollout", "teacher", "update")} if "rollout/trunc_rate" in r else {})
+            r.update({"rollout/len_mean": 10, "rollout/rep_rate": 0, "eval/accuracy_sampled": 0.5})
+        return m, s, rows
+    results = [run("opd", 0, 0.1, 0.6), run("opd", 1, 0.1, 0.6),
+               run("seq-kd", 0, 0.95, 0.0), run("seq-kd", 1, 0.2, 0.0),
+               run("stable-opd", 0, 0.85, 0.0), run("stable-opd", 1, 0.81, 0.05)]
+    rows = [opd.summarize(m, s, r) for m, s, r in results]
+    table = opd.ranking_table(rows, results).splitlines()[2:]
+    assert [l.split("|")[1].strip() for l in table] == ["stable-opd", "seq-kd", "opd"]
+    cells = [c.strip() for c in table[0].strip("|").split("|")]
+    assert cells[1] == "yes" and cells[2] == "1.00" and cells[-1] == "2/2" and cells[-3] == "0/2"
+    assert [c.strip() for c in table[1].strip("|").split("|")][1] == "no"
+
+
+@given(st.lists(st.floats(0, 1), min_size=1, max_size=40), st.floats(0, 1), st.integers(1, 4))
+def test_fire_step_needs_patience_consecutive_values(values, thr, patience):
+    steps = list(range(len(values)))
+    got = opd.fire_step(steps, values, thr, patience, start=0)
+    want = next((i for i in steps if i + 1 >= patience and all(v > thr for v in values[i + 1 - patience:i + 1])), "")
+    assert got == want
+
+
+def _planted_run(folder, name, takeoff, warn, steps=120):
+    """metrics.jsonl of a run whose repetition rate rises from step `warn` and truncation from `takeoff`."""
+    d = folder / name
+    d.mkdir(parents=True)
+    with open(d / "metrics.jsonl", "w") as f:
+        for s in range(steps):
+            rep = 0.0 if warn is None or s < warn else 0.05
+            trunc = 0.0 if takeoff is None or s < takeoff else 0.6
+            f.write(json.dumps({"step": s, "rollout/trunc_rate": trunc, "rollout/rep_rate": rep, "rollout/ngram_rep": 0.2,
+                                "rollout/growth": 0.0, "rollout/len_p90": 12, "logp/teacher": -0.5, "adv/repetitive": float("nan"),
+                                "adv/regular": -0.3, "adv/repetitive_frac": rep, "eos/teacher_lower_frac": 0.1}) + "\n")
+
+
+def test_signal_table_scores_lead_and_false_alarms(tmp_path):
+    """Collapsing fit runs warned 20 steps ahead, quiet ones never: the repetition rate gets a lead
+    of 19 on them (patience 2: the alert comes one step after the rise); a held-out quiet run whose
+    repetition rises anyway is counted as a false alarm."""
+    for seed in range(3):
+        _planted_run(tmp_path, f"opd-s{seed}", takeoff=80, warn=60)
+        _planted_run(tmp_path, f"stable-opd-s{seed}", takeoff=None, warn=None)
+    _planted_run(tmp_path, "opd-s3", takeoff=90, warn=70)
+    _planted_run(tmp_path, "sft-only-s3", takeoff=None, warn=50)
+    row = next(l for l in opd.signal_table(tmp_path).splitlines() if l.startswith("| repetition rate"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:] == ["19, 19, 19", "0 of 3 quiet", "19", "1 of 1 quiet"], cells
+
+
+# ----------------------------------------------------------------------------- docs: what the tutorial and README show is what the code does
+
+def tutorial_block(marker: str) -> str:
+    """The one ```python block of tutorial.md that contains `marker`: the tests run it as written."""
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", (HERE / "tutorial.md").read_text(), re.S) if marker in b]
+    assert len(blocks) == 1, f"{len(blocks)} tutorial blocks contain {marker!r}"
+    return blocks[0]
+
+
+def test_tutorial_names_exist_in_opd():
+    text = (HERE / "tutorial.md").read_text()
+    names = set(re.findall(r"`([A-Za-z_][A-Za-z0-9_]*)\(\)`", text))
+    assert len(names) >= 15
+    peers = set(re.findall(r"^(?:def|class) (\w+)", (HERE / "peers" / "trl_opd.py").read_text(), re.M))
+    missing = sorted(n for n in names if not hasattr(opd, n) and n not in peers)
+    assert not missing, f"tutorial.md names functions that neither opd.py nor peers/trl_opd.py defines: {missing}"
+
+
+def test_documented_figures_and_tables_are_tracked():
+    """Every plots/ file the docs show or cite is in the repository (git ls-files): a figure
+    written but ignored or never added shows as a broken image on a fresh checkout."""
+    text = (HERE / "tutorial.md").read_text() + (HERE / "README.md").read_text()
+    cited = set(re.findall(r"plots/[\w/.-]+\.(?:png|csv|md)", text))
+    assert {"plots/fig1_accuracy_length.png", "plots/all/ranking.png"} <= cited     # the pattern finds them
+    import shutil
+    if not (HERE / ".git").exists() or not shutil.which("git"):
+        pytest.skip("not a git checkout")
+    tracked = set(subprocess.run(["git", "ls-files", "plots"], cwd=HERE, capture_output=True, text=True).stdout.split())
+    assert not cited - tracked, f"the docs cite files the repository lacks: {sorted(cited - tracked)}"
+
+
+def test_documented_flags_exist():
+    text = (HERE / "tutorial.md").read_text() + (HERE / "README.md").read_text()
+    other = ("pip ", "accelerate launch", "trl_opd.py")            # lines with pip's, accelerate's or the peer script's flags
+    text = "\n".join(l for l in text.splitlines() if not any(o in l for o in other))
+    flags = set(re.findall(r"(?<![\w-])--([a-z][a-z0-9-]*)(?!\w)", text))
+    assert {"teacher-free-frac", "teacher-overrun-frac", "alert-patience"} <= flags  # the pattern finds them
+    known = {f.name.replace("_", "-") for f in opd.flag_fields()}
+    assert not flags - known - {"help"}, f"the docs name flags opd.py lacks: {sorted(flags - known)}"
+
+
+def test_tutorial_monitor_snippet_runs():
+    """Section 3's snippet for other loops, as written there, on two steps of responses: the
+    second holds loops, and the repetition alert of the default thresholds fires on it."""
+    import types
+    block = tutorial_block("monitor = LengthMonitor(eos_id=tokenizer.eos_token_id")
+    setup, per_step = block.split("# each step", 1)
+    logged = []
+    ns = {"tokenizer": opd.build_tokenizer(), "max_new_tokens": 48,
+          "wandb": types.SimpleNamespace(log=lambda d, step: logged.append((step, d)))}
+    exec(setup, ns)
+    for step, loops in enumerate([0, 3, 3]):
+        ns["step"], ns["responses"] = step, [[5, 6, 7, 2]] * (20 - loops) + [[5, 6] * 24] * loops
+        exec("# each step" + per_step, ns)
+    assert [s for s, _ in logged] == [0, 1, 2] and logged[0][1]["rollout/len_mean"] == 4
+    assert "rollout/alert/rep_rate" in logged[2][1] and "rollout/alert/rep_rate" not in logged[1][1]
+
+def doc_tables(text):
+    """(marker, table) for every markdown table of a document: the HTML comment just above it."""
+    out, lines, i = [], text.splitlines(), 0
+    while i < len(lines):
+        if lines[i].startswith("|"):
+            j = i
+            while j < len(lines) and lines[j].startswith("|"):
+                j += 1
+            above = [l for l in lines[max(0, i - 3):i] if l.startswith("<!--")]
+            out.append((above[-1] if above else None, "\n".join(lines[i:j])))
+            i = j
+        else:
+            i += 1
+    return out
+
+
+def test_docs_tables_are_quoted_from_committed_results():
+    """Every table of README.md and tutorial.md is marked: `<!-- from plots/x/results.md#part -->`
+    tables are byte for byte that part of a committed file (written by the command the docs show),
+    and the others say what they are instead (`<!-- reference: ... -->`: settings, formulas)."""
+    quoted = 0
+    for doc in ("README.md", "tutorial.md"):
+        for marker, table in doc_tables((HERE / doc).read_text()):
+            assert marker, f"{doc}: a table with no marker: {table.splitlines()[0]}"
+            m = re.match(r"<!-- from (plots/\S+/results\.md|plots/results\.md)#(\w+) -->", marker)
+            if m is None:
+                assert marker.startswith("<!-- reference: "), marker
+                continue
+            assert table == opd.table_part(HERE / m.group(1), m.group(2)), f"{doc}: {marker} differs"
+            quoted += 1
+    assert quoted >= 8
+
+
+
+def core_source():
+    """opd.py's text above the banner that ends OPD, and its module-level definitions there."""
+    import ast
+    src = (HERE / "opd.py").read_text()
+    core = src[:src.index("#   OPD ends here")]
+    return src, core, ast.parse(src)
+
+
+def test_core_reads_top_down():
+    """In sections 1-6 a function or class uses only names defined above it (imports and builtins
+    aside); the loop, run_opd, comes last and alone names the machinery below the banner. The
+    machinery (validation, presets, checkpoints, tables, plots, the command line, the pair's
+    build) is below the banner."""
+    import ast
+    src, core, tree = core_source()
+    end = len(core.splitlines())
+    defined = {}                                                     # name -> line of definition
+    for node in tree.body:
+        names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
+            [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)] + \
+            ([node.target.id] if isinstance(node, ast.AnnAssign) else [])
+        for n in names:
+            defined.setdefault(n, node.lineno)
+    late = []
+    for node in tree.body:
+        if node.lineno > end or not isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            continue
+        used = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+        local = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)} | \
+            {a.arg for n in ast.walk(node) if isinstance(n, ast.arguments) for a in n.args + n.kwonlyargs}
+        for name in (used - local) & set(defined):
+            if defined[name] > node.lineno and (node.name != "run_opd" or defined[name] < end):
+                late.append(f"{node.name} uses {name}, defined at line {defined[name]}")
+    assert not late, late
+    core_defs = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.lineno < end]
+    assert core_defs[-1] == "run_opd"
+    for name in ("validate_config", "parse_config", "config_for", "METHODS", "RunLog", "save_checkpoint",
+                 "load_checkpoint", "signal_table", "write_results", "plot_study", "summarize",
+                 "load_pretrained", "train_supervised", "build_default_pair", "loop_eos_profile",
+                 "pretraining_mix", "model_key", "check_shipped"):
+        assert defined[name] > end, name
+    run_opd = [n for n in tree.body if getattr(n, "name", "") == "run_opd"][0]
+    assert run_opd.end_lineno - run_opd.lineno + 1 <= 100
+
+
+def test_opd_py_lines_fit_in_100_characters():
+    long = [i for i, l in enumerate((HERE / "opd.py").read_text().splitlines(), 1)
+            if len(l) > 100 and "http" not in l]
+    assert not long, long
+
+
+def test_help_strings_say_what_and_why_not_what_a_run_measured():
+    """--help says what a flag does and why; measured results belong in the tutorial. No help string
+    states a finding, and none holds a number other than its own default's digits."""
+    words = re.compile(r"\b(measured|collapsed|inflated|learned|gave|reached|never|seed-dependent)\b", re.I)
+    number = re.compile(r"\d+(?:\.\d+)?")
+    for f in opd.flag_fields():
+        text = f.metadata["help"]
+        assert not words.search(text), (f.name, text)
+        assert set(number.findall(text)) <= set(number.findall(repr(f.default))), (f.name, text)
+
+
+def test_tutorial_sections_match_banners():
+    banners = re.findall(r"^# (\d)\. (.+)$", (HERE / "opd.py").read_text(), re.M)
+    heads = re.findall(r"^## (\d)\. (.+)$", (HERE / "tutorial.md").read_text(), re.M)
+    assert [b[0] for b in banners] == [h[0] for h in heads] == [str(i) for i in range(1, 9)]
+    for (_, b), (_, h) in zip(banners, heads):
+        assert b.split(":")[0].strip().lower() == h.split(":")[0].strip().lower()
 
 
 # ----------------------------------------------------------------------------- TRL (requirements-test.txt)
@@ -1450,8 +1897,9 @@ def test_stable_opd_trainer_loss_equals_opd_loss(real_pairs, tmp_path):
     gold = [tr.gold_rng.choice(tr.gold) for _ in range(8)]
     y = tokens[..., None]
     ref, _ = opd.opd_loss(s_lsm.gather(-1, y).squeeze(-1), t_lsm.gather(-1, y).squeeze(-1), tokens, eos,
-                          kl_full=opd.full_vocab_reverse_kl(s_lsm, t_lsm), kl_ref=opd.reference_kl(s_lsm, r_lsm),
-                          sft=opd.sft_nll(tr.model, tok, gold), objective="full", ref_kl=0.5, sft_coef=0.7)
+                          opd.LossSettings(objective="full", ref_kl=0.5, sft_coef=0.7),
+                          kl=opd.full_vocab_reverse_kl(s_lsm, t_lsm), kl_ref=opd.reference_kl(s_lsm, r_lsm),
+                          sft=opd.sft_nll(tr.model, tok, gold))
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
     for a, b in zip(g_trl, torch.autograd.grad(ref, params)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
@@ -1572,107 +2020,3 @@ def test_trl_reverse_kl_equals_full_vocab_loss(pair, temperature, seed):
     dist = grad_of(lambda x: _chunked_divergence_loss(x, b, eye, eye, mask, beta=1.0, temperature=temperature)[0])
     for o, t in zip(ours, dist):
         torch.testing.assert_close(o, t.double(), rtol=1e-4, atol=1e-5)
-
-
-def write_gguf(model, tok, path):
-    """Write a Llama model and its byte-level BPE tokenizer to GGUF with the gguf package's
-    writer, float32 tensors, under the names and the Q/K row order llama.cpp's converter uses."""
-    import gguf
-    c, n_layers = model.config, model.config.num_hidden_layers
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(n_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
-    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_vocab_size(c.vocab_size)
-    raw = json.loads(tok.backend_tokenizer.to_str())["model"]
-    special = set(tok.all_special_ids)
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list([t for t, _ in sorted(raw["vocab"].items(), key=lambda kv: kv[1])])
-    w.add_token_types([gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(len(raw["vocab"]))])
-    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in raw["merges"]])
-    w.add_eos_token_id(tok.eos_token_id)
-    w.add_pad_token_id(tok.pad_token_id)
-    w.add_chat_template(tok.chat_template)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
-    for name, t in model.state_dict().items():
-        t = t.float().numpy()
-        heads = {"q_proj": c.num_attention_heads, "k_proj": c.num_key_value_heads}.get(name.split(".")[-2])
-        if heads:                                        # llama.cpp interleaves the rotary halves
-            t = t.reshape(heads, 2, t.shape[0] // heads // 2, t.shape[1]).swapaxes(1, 2).reshape(t.shape)
-        w.add_tensor(names.get_name(name.rsplit(".", 1)[0]) + ".weight", t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
-def test_gguf_round_trip(tmp_path):
-    """A model written to GGUF loads back through --teacher/--student paths with the same
-    tokenizer and logits, trains and saves like any model."""
-    pytest.importorskip("gguf", reason="optional: pip install -r requirements-test.txt")
-    tok = bpe_tokenizer(vocab=2_000)
-    torch.manual_seed(0)
-    model = opd.make_model(tok, 2, 32).eval()
-    write_gguf(model, tok, tmp_path / "tiny.gguf")
-    tok2, loaded = opd.load_pretrained(str(tmp_path / "tiny.gguf"), "cpu", torch.float32)
-    text = "bada kelo mi zo ruka"
-    assert tok2(text)["input_ids"] == tok(text)["input_ids"] != []
-    assert tok2.eos_token_id == tok.eos_token_id and tok2.chat_template == tok.chat_template
-    ids = torch.tensor([tok(text)["input_ids"]])
-    with torch.no_grad():
-        torch.testing.assert_close(loaded.eval()(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
-    loaded.save_pretrained(tmp_path / "saved")                # refused by transformers for a raw gguf load
-    tok2.save_pretrained(tmp_path / "saved")
-    _, again = opd.load_pretrained(str(tmp_path / "saved"), "cpu")
-    with torch.no_grad():
-        torch.testing.assert_close(again.eval()(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
-
-
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_layer_dropped_equals_model_built_with_those_layers(arch, tmp_path):
-    """layer_dropped(m, [0, 2]) computes what a 2-layer model loaded with layers 0 and 2 of m
-    computes: logits, and greedy rollouts through the KV cache (each layer's cache index)."""
-    tok = opd.build_tokenizer()
-    torch.manual_seed(0)
-    model = opd.make_model(tok, 3, 32, arch).eval()
-    student = opd.layer_dropped(model, [0, 2])
-    ref = opd.make_model(tok, 2, 32, arch).eval()
-    ref.load_state_dict({k.replace("layers.2.", "layers.1."): v for k, v in model.state_dict().items() if ".layers.1." not in k})
-    ids, attn = opd.encode_batch(tok, ["a b x 2 =", "c d e f x 5 ="])
-    with torch.no_grad():
-        torch.testing.assert_close(student(input_ids=ids).logits, ref(input_ids=ids).logits)
-    roll = lambda m: opd.sample_rollouts(m, ids, attn, 10, tok.eos_token_id, tok.pad_token_id, greedy=True)
-    assert torch.equal(roll(student), roll(ref))
-    student.save_pretrained(tmp_path)
-    again = opd.transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert again.config.num_hidden_layers == 2 and torch.equal(roll(again.eval()), roll(ref))
-    assert len(model.model.layers) == 3                           # the teacher is left as it was
-
-
-def test_gguf_through_the_flags_and_save_student(tmp_path):
-    """A .gguf file as --teacher and --student (the same file), --save-student writes a model
-    that loads back; without the gguf package the error is one line that says what to install."""
-    pytest.importorskip("gguf", reason="optional: pip install -r requirements-test.txt")
-    tok = bpe_tokenizer(vocab=2_000)
-    torch.manual_seed(0)
-    write_gguf(opd.make_model(tok, 1, 32), tok, tmp_path / "m.gguf")
-    (tmp_path / "prompts.jsonl").write_text('{"prompt": "bada kelo mi", "answer": "sute"}\n' * 16)
-    args = ["--teacher", str(tmp_path / "m.gguf"), "--student", str(tmp_path / "m.gguf"), "--prompts",
-            str(tmp_path / "prompts.jsonl"), "--methods", "opd", "--seeds", "1", "--steps", "1", "--batch-size", "2",
-            "--max-new-tokens", "4", "--eval-every", "1", "--workers", "1", "--out-dir", str(tmp_path / "runs"),
-            "--plots-dir", str(tmp_path / "plots")]
-    cli(*args, "--save-student")
-    _, saved = opd.load_pretrained(str(tmp_path / "runs" / "opd-s0" / "student"), "cpu")
-    assert saved.config.num_hidden_layers == 1
-    (tmp_path / "hide").mkdir()
-    (tmp_path / "hide" / "gguf.py").write_text("raise ImportError('hidden for the test')\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "hide"), str(HERE)]))
-    r = subprocess.run([sys.executable, str(HERE / "opd.py"), *args], capture_output=True, text=True, env=env)
-    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0, r.stderr[-2000:]
-    assert "is a GGUF file" in r.stderr and opd.GGUF_INSTALL in r.stderr

@@ -93,10 +93,11 @@ class GuardCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):      # after the optimizer step, before the step's log
         t = self.trainer
-        changes = self.guard.step(t.length_monitor, state.global_step - 1, t.accelerator.unwrap_model(t.model),
-                                  t.optimizer, {"ref_kl": t.ref_kl, "sft_coef": t.sft_coef})
-        if changes:
-            t.ref_kl, t.sft_coef = changes["ref_kl"], changes["sft_coef"]
+        now = opd.LossSettings(objective="full", ref_kl=t.ref_kl, sft_coef=t.sft_coef)
+        new = self.guard.step(t.length_monitor, state.global_step - 1, t.accelerator.unwrap_model(t.model),
+                              t.optimizer, now)
+        if new is not None:
+            t.ref_kl, t.sft_coef = new.ref_kl, new.sft_coef
             t._metrics["train"]["guard/acted"].append(1.0)
 # --- end of the recipe
 
@@ -158,8 +159,7 @@ class MetricsLog(TrainerCallback):
         self.write({"step": state.global_step, **self.held_out()})
 
 
-PEER_COLORS = {"trl": "#ff7f0e", "trl-stable": "#17becf", "trl-guard": "#9467bd",
-               "opd.py full-vocab": "#8c564b", "opd.py stable-opd": "#2ca02c"}
+PEERS = ["trl", "trl-stable", "trl-guard", "opd.py full-vocab", "opd.py stable-opd"]   # Fig. 1's order
 
 
 def peer_report(out, folders):
@@ -169,10 +169,10 @@ def peer_report(out, folders):
     for folder in map(Path, folders):
         m, s = folder.name.rsplit("-s", 1)
         results.append((m if m.startswith("trl") else f"opd.py {m}", int(s), opd.read_metrics(folder / "metrics.jsonl")))
-    opd.write_results([opd.summarize(m, s, rows) for m, s, rows in results], Path(out),
-                      "`python peers/trl_opd.py --report`, from the run folders of each method")
-    opd.plot_study(results, Path(out), head=[m for m in PEER_COLORS if m != "trl-guard" and any(r[0] == m for r in results)],
-                   colors=PEER_COLORS)
+    rows = [opd.summarize(m, s, r) for m, s, r in results]
+    opd.write_results(rows, Path(out), {"runs": opd.runs_table(rows), "summary": opd.summary_table(rows)},
+                      f"`python peers/trl_opd.py --report {out} {' '.join(map(str, folders))}`")
+    opd.plot_study(results, Path(out), head=[m for m in PEERS if any(r[0] == m for r in results)])
 
 
 def main(argv=None):
@@ -192,7 +192,7 @@ def main(argv=None):
     cfg = opd.Config(seed=a.seed, steps=a.steps, batch_size=a.batch_size)
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    t_path, s_path = opd.default_pair(cfg)
+    t_path, s_path = opd.pair_folders(cfg)
     tok = AutoTokenizer.from_pretrained(s_path)
     student = AutoModelForCausalLM.from_pretrained(s_path, dtype=torch.float32)
     teacher = AutoModelForCausalLM.from_pretrained(t_path, dtype=torch.float32)

@@ -83,7 +83,7 @@ class LossSettings:
     objective: str = _f("sampled", "'sampled': A_t = log p_T(y_t) - log p_S(y_t), loss -A_t log "
                         "p_S(y_t); 'full': KL(p_S||p_T) over the vocabulary; 'topk': that KL on "
                         "the student's top-k tokens plus one tail bucket")
-    top_k: int = _f(4, "k of --objective topk: how many of the student's likeliest tokens the KL "
+    top_k: int = _f(1, "k of --objective topk: how many of the student's likeliest tokens the KL "
                     "keeps apart; the rest of the vocabulary is one bucket")
     loss_agg: str = _f("token-mean", "verl's names: token-mean | seq-mean-token-mean | "
                        "seq-mean-token-sum | seq-mean-token-sum-norm")
@@ -596,7 +596,7 @@ class TokenTerms(NamedTuple):
 
 
 def token_terms(h_s, head_s, h_t, head_t, tokens, eos_id: int, temperature: float = 1.0,
-                chunk: int = 0, objective: str = "sampled", top_k: int = 4, h_ref=None,
+                chunk: int = 0, objective: str = "sampled", top_k: int = 1, h_ref=None,
                 head_ref=None) -> TokenTerms:
     """Per-token quantities of the loss and the metrics, from hidden states and vocabulary heads.
 
@@ -1828,9 +1828,9 @@ METHODS = {                       # preset -> settings; a flag given on the comm
     "full-vocab": {"objective": "full"},
     # fixes that need no gold data; settings chosen by the search in the tutorial
     "seq-kd": dict(SEQ_KD),
-    "prefix-opd": {"prefix_len": 12},
-    "iw-opd": {"iw_gamma": 2.0},
-    "topk": {"objective": "topk", "top_k": 4},
+    "prefix-opd": {"prefix_len": 16},
+    "iw-opd": {"iw_gamma": 5.0},
+    "topk": {"objective": "topk", "top_k": 1},
 }
 LOSS_FIELDS = {f.name for f in dataclasses.fields(LossSettings)}
 

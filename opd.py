@@ -1006,6 +1006,25 @@ def rollout_metrics(terms: TokenTerms, mask, lengths, truncated, seqs, eos_id: i
         return out
 
 
+POSITION_BINS = (0, 4, 8, 16, 32, 64)      # response positions [0, 4), [4, 8), ..., [64, end)
+
+
+def position_profile(terms: TokenTerms, mask) -> dict:
+    """Where in the response the teacher agrees: per bin of token positions (POSITION_BINS), the
+    mean advantage A_t, the share of tokens with A_t > 0, and the teacher's mean log-prob of the
+    student's tokens. Lists, one value per bin (NaN where no rollout reaches the bin)."""
+    T = mask.shape[1]
+    adv = sampled_token_advantage(terms.logp_teacher, terms.logp_student.detach())   # (B, T)
+    out = {"pos/adv": [], "pos/adv_positive": [], "pos/logp_teacher": []}
+    for lo, hi in zip(POSITION_BINS, POSITION_BINS[1:] + (T,)):
+        m = mask[:, lo:hi]                                                         # (B, t)
+        n = m.sum().item()
+        for key, x in (("pos/adv", adv), ("pos/adv_positive", (adv > 0).float()),
+                       ("pos/logp_teacher", terms.logp_teacher)):
+            out[key].append((x[:, lo:hi] * m).sum().item() / n if n else math.nan)
+    return out
+
+
 METRIC_KEYS = [  # documented in the tutorial; a test checks every run logs them all
     "step", "loss/total", "loss/opd", "kl/reverse", "rollout/len_mean", "rollout/len_max",
     "rollout/len_p90", "rollout/trunc_rate", "rollout/rep_rate", "rollout/ngram_rep",
@@ -1013,7 +1032,8 @@ METRIC_KEYS = [  # documented in the tutorial; a test checks every run logs them
     "adv/repetitive_frac", "eos/p_student", "eos/p_teacher", "eos/teacher_lower_frac",
     "eval/accuracy", "eval/len_mean", "eval/len_max", "eval/trunc_rate", "eval/rep_rate",
     "eval/ngram_rep", "eval/accuracy_sampled", "rollout/accuracy", "time/rollout_s",
-    "time/teacher_s", "time/update_s", "time/eval_s", "time/tokens_per_s"]
+    "time/teacher_s", "time/update_s", "time/eval_s", "time/tokens_per_s", "pos/adv",
+    "pos/adv_positive", "pos/logp_teacher"]
 
 
 def step_metrics(loss, parts, terms, mask, lengths, truncated, seqs, batch, stats, lap, tokenizer,
@@ -1029,6 +1049,7 @@ def step_metrics(loss, parts, terms, mask, lengths, truncated, seqs, batch, stat
             "rollout/accuracy": accuracy,
             **rollout_metrics(terms, mask, lengths, truncated, seqs, tokenizer.eos_token_id,
                               cfg.loss.objective, cfg.rep_window, cfg.rep_tau),
+            **position_profile(terms, mask),
             **{k if k.startswith("alert/") else f"rollout/{k}": v for k, v in stats.items()},
             **{f"time/{k}_s": v for k, v in lap.times.items()},
             "time/tokens_per_s": float(mask.sum()) / max(lap.times["rollout"], 1e-9)}

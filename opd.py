@@ -2440,7 +2440,8 @@ METHOD_COLORS = {"opd": "#d62728", "stable-opd": "#2ca02c", "sft-only": "#1f77b4
                  "adv-clip": "#17becf", "eos-mask": "#393b79", "rep-penalty": "#000000",
                  "full-vocab": "#e6ab02", "seq-kd": "#1b9e77", "prefix-opd": "#7570b3",
                  "iw-opd": "#d95f02", "topk": "#66a61e",
-                 "trl": "#a50f15", "trl-stable": "#00441b", "trl-guard": "#54278f"}
+                 "trl": "#a50f15", "trl-stable": "#00441b", "trl-seq-kd": "#005a5b",
+                 "trl-guard": "#54278f"}
 PANELS = {"eval/accuracy": ("held-out accuracy, greedy", "exact match"),
           "eval/accuracy_sampled": ("held-out accuracy, sampled", "exact match"),
           "rollout/trunc_rate": ("truncation rate of the rollouts", "share of rollouts"),
@@ -2666,7 +2667,8 @@ def parse_config(argv=None) -> tuple[Config, frozenset]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 argument_default=argparse.SUPPRESS,
                                 epilog="python opd.py report runs|signals|builds OUT FOLDER...: "
-                                       "tables over run folders made by other commands")
+                                       "tables over run folders made by other commands; python "
+                                       "opd.py report memory OUT: the chunked loss's memory")
     for f in flag_fields():
         flag = "--" + f.name.replace("_", "-")
         why = f"{f.metadata['help']} (default: {f.default!r})"
@@ -2684,15 +2686,38 @@ def parse_config(argv=None) -> tuple[Config, frozenset]:
     return cfg, frozenset(given)
 
 
-REPORTS = {"runs": report_runs, "signals": report_signals, "builds": report_builds}
+def report_memory(out):
+    """The memory of the chunked loss against the unchunked one, at a real vocabulary's size
+    (loss_peak_memory, section 9), into OUT/results.md. Needs about 13 GB of memory free."""
+    kw = dict(vocab=152_000, batch=4, length=1024, hidden=256)
+    lines = []
+    names = {"full": "full-vocabulary KL", "sampled": "sampled-token (log-prob of the sampled ids)"}
+    for objective, name in names.items():
+        whole, chunked = (loss_peak_memory(**kw, chunk=c, objective=objective) for c in (0, 64))
+        same = abs(whole["loss"] - chunked["loss"]) <= 1e-5 * abs(whole["loss"])
+        lines.append([name, f"{whole['loss_mb']:,.0f} MB", f"{chunked['loss_mb']:,.0f} MB",
+                      f"{chunked['loss_mb'] / whole['loss_mb']:.2f}", "yes" if same else "no"])
+    header = ["loss", "unchunked (`chunk=0`)", "chunked (`chunk=64`)", "ratio", "same loss"]
+    table = markdown(header, lines)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "results.md").write_text(
+        f"Written by `python opd.py report memory {out}`: one loss and its backward, vocabulary "
+        "152,000, batch 4, 1,024 response tokens, hidden size 256, float32; peak resident memory "
+        "above the inputs and the two vocabulary heads. The docs quote these tables; do not edit "
+        f"them by hand.\n\n### memory\n\n{table}\n")
+    print(table, flush=True)
+
+
+REPORTS = {"runs": report_runs, "signals": report_signals, "builds": report_builds,
+           "memory": report_memory}
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["report"]:
-        if len(argv) < 4 or argv[1] not in REPORTS:
-            print("error: python opd.py report runs|signals|builds OUT FOLDER... (the tutorial "
-                  "shows each)", file=sys.stderr)
+        if len(argv) < 3 or argv[1] not in REPORTS or (argv[1] != "memory") != (len(argv) > 3):
+            print("error: python opd.py report runs|signals|builds OUT FOLDER..., or report memory "
+                  "OUT (the tutorial shows each)", file=sys.stderr)
             raise SystemExit(2)
         return REPORTS[argv[1]](*argv[2:])
     cfg, given = parse_config(argv)

@@ -1868,24 +1868,37 @@ def _tiny_trl(real_pairs, tmp_path, steps, batch, new_tokens, temperature=1.0, l
 
 def test_stable_opd_trainer_loss_equals_opd_loss(real_pairs, tmp_path):
     """StableOPDTrainer's loss on one batch of TRL's own rollouts = opd.opd_loss(objective="full") with
-    the same coefficients, on full-model forwards with opd.py's masks and positions: values and gradients."""
+    the same coefficients (reference KL, gold SFT and sequence-level KD on the teacher's samples), on
+    full-model forwards with opd.py's masks and positions: values and gradients."""
     threads = torch.get_num_threads()
-    t, tr, tok = _tiny_trl(real_pairs, tmp_path, 1, 8, 8, temperature=1.3, ref_kl=0.5, sft_coef=0.7)
+    t, tr, tok = _tiny_trl(real_pairs, tmp_path, 1, 8, 8, temperature=1.3, ref_kl=0.5, sft_coef=0.7, seq_kd_coef=0.3)
     torch.set_num_threads(threads)
     torch.manual_seed(5)
     with torch.no_grad():                                              # p_ref != p_S, or the KL term is 0
         for p in tr.ref_model.parameters():
             p.add_(0.05 * torch.randn_like(p))
+    eos = tok.eos_token_id
+    bump = torch.zeros(len(tok))
+    bump[eos] = 9.0                                                    # a random teacher that stops now and then
+    hook = tr.teacher_model.get_output_embeddings().register_forward_hook(lambda m, i, o: o + bump)
     tr.model.train()
     inputs = tr._prepare_inputs([tr.train_dataset[i] for i in range(8)])   # TRL's rollouts, padding and mask
     params = [p for p in tr.model.parameters() if p.requires_grad]
-    gold_state = tr.gold_rng.getstate()
+    gold_state, teacher_state = tr.gold_rng.getstate(), tr.teacher_gen.get_state()
     loss = tr.compute_loss(tr.model, inputs)
     g_trl = torch.autograd.grad(loss, params)
-    eos, tokens = tok.eos_token_id, inputs["completion_ids"]
+    tokens = inputs["completion_ids"]
     P, ids = inputs["prompt_ids"].shape[1], torch.cat([inputs["prompt_ids"], tokens], 1)
     attn = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
     assert torch.equal(opd.response_mask(tokens, eos)[0], inputs["completion_mask"].float())
+
+    g = torch.Generator()
+    g.set_state(teacher_state)
+    p_ids, p_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+    resp, kept = opd.teacher_samples(tr.teacher_model, p_ids, p_mask, 8, eos, tok.pad_token_id, 1.3, g)
+    assert 0 < kept.sum() < 8                                          # some of the teacher's samples stop
+    seq_kd = opd.sequence_nll(tr.model, p_ids[kept], p_mask[kept], resp[kept], eos)
+    hook.remove()                        # TRL's KL term projects the teacher's hidden states itself
 
     def lsm(m):
         logits = m(input_ids=ids, attention_mask=attn, position_ids=opd.position_ids(attn)).logits
@@ -1897,9 +1910,9 @@ def test_stable_opd_trainer_loss_equals_opd_loss(real_pairs, tmp_path):
     gold = [tr.gold_rng.choice(tr.gold) for _ in range(8)]
     y = tokens[..., None]
     ref, _ = opd.opd_loss(s_lsm.gather(-1, y).squeeze(-1), t_lsm.gather(-1, y).squeeze(-1), tokens, eos,
-                          opd.LossSettings(objective="full", ref_kl=0.5, sft_coef=0.7),
+                          opd.LossSettings(objective="full", ref_kl=0.5, sft_coef=0.7, seq_kd_coef=0.3),
                           kl=opd.full_vocab_reverse_kl(s_lsm, t_lsm), kl_ref=opd.reference_kl(s_lsm, r_lsm),
-                          sft=opd.sft_nll(tr.model, tok, gold))
+                          sft=opd.sft_nll(tr.model, tok, gold), seq_kd=seq_kd)
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
     for a, b in zip(g_trl, torch.autograd.grad(ref, params)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

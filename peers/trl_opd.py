@@ -3,6 +3,7 @@ own trainer on opd.py's default pair, with the settings of opd.py's loop (tutori
 
     python peers/trl_opd.py --method trl --seed 0            # TRL's plain DistillationTrainer
     python peers/trl_opd.py --method trl-stable --seed 0     # the same + Stable-OPD (StableOPDTrainer)
+    python peers/trl_opd.py --method trl-seq-kd --seed 0     # the same + sequence-level KD (no gold data)
     python peers/trl_opd.py --method trl-guard --seed 0      # the same + the guard (GuardCallback)
     OMP_NUM_THREADS=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \\
         --dynamo_backend no peers/trl_opd.py --method trl-stable --steps 4 --batch-size 16      # two CPU processes
@@ -34,14 +35,19 @@ import opd  # noqa: E402
 # --- the recipe (tutorial, section 5): TRL's OPD + opd.py's Stable-OPD terms and monitor
 class StableOPDTrainer(DistillationTrainer):
     """TRL's on-policy distillation (beta=1: KL(p_S || p_T) over the vocabulary, token-mean) plus
-    ref_kl * KL(p_S || p_ref), p_ref the frozen initial student, and sft_coef * NLL on reference
-    solutions drawn from `gold`: opd.py's --ref-kl and --sft-coef, with the same meaning. The length
-    monitor reads every process's rollouts and logs rollout/* beside TRL's completions/*."""
+    ref_kl * KL(p_S || p_ref), p_ref the frozen initial student, sft_coef * NLL on reference
+    solutions drawn from `gold`, and seq_kd_coef * NLL on the teacher's own samples that stop
+    (sequence-level KD: no gold data): opd.py's --ref-kl, --sft-coef and --seq-kd-coef, with the
+    same meaning. The length monitor reads every process's rollouts and logs rollout/* beside
+    TRL's completions/*."""
 
-    def __init__(self, *args, gold=(), ref_kl=0.0, sft_coef=0.0, monitor_kw=None, **kwargs):
+    def __init__(self, *args, gold=(), ref_kl=0.0, sft_coef=0.0, seq_kd_coef=0.0, monitor_kw=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.gold, self.ref_kl, self.sft_coef, self._hidden = list(gold), ref_kl, sft_coef, None
+        self.seq_kd_coef = seq_kd_coef
         self.gold_rng = random.Random(f"gold-{self.args.seed}-{self.accelerator.process_index}")
+        self.teacher_gen = torch.Generator(self.accelerator.device).manual_seed(
+            1000 * self.args.seed + self.accelerator.process_index)       # the teacher's samples
         self.ref_model = copy.deepcopy(self.accelerator.unwrap_model(self.model)).eval().requires_grad_(False)
         self.length_monitor = opd.LengthMonitor(self.processing_class.eos_token_id, self.args.max_completion_length,
                                                 **(monitor_kw or {}))
@@ -79,6 +85,13 @@ class StableOPDTrainer(DistillationTrainer):
             gold = [self.gold_rng.choice(self.gold) for _ in range(mask.shape[0])]
             parts["sft"] = opd.sft_nll(student, self.processing_class, gold, mask.device)
             loss = loss + self.sft_coef * parts["sft"] / self.args.gradient_accumulation_steps
+        if self.seq_kd_coef > 0 and student.training:          # the teacher answers the same prompts
+            tok, p_ids, p_mask = self.processing_class, inputs["prompt_ids"], inputs["prompt_mask"]
+            resp, kept = opd.teacher_samples(self.teacher_model, p_ids, p_mask, self.args.max_completion_length,
+                                             tok.eos_token_id, tok.pad_token_id, self.temperature, self.teacher_gen)
+            parts["seq_kd"] = opd.sequence_nll(self.accelerator.unwrap_model(student), p_ids[kept], p_mask[kept],
+                                               resp[kept], tok.eos_token_id) if kept.any() else loss.new_zeros(())
+            loss = loss + self.seq_kd_coef * parts["seq_kd"] / self.args.gradient_accumulation_steps
         for k, v in parts.items():
             self._metrics["train" if student.training else "eval"][f"loss/{k}"].append(v.item())
         return loss, *rest
@@ -86,18 +99,19 @@ class StableOPDTrainer(DistillationTrainer):
 
 class GuardCallback(TrainerCallback):
     """opd.py's --guard on a StableOPDTrainer: a copy of the student and optimizer every `every` steps
-    while no alert is active; on the monitor's first alert, restore it and switch Stable-OPD on."""
+    while no alert is active; on the monitor's first alert, restore it and switch `fix` on
+    (opd.STABLE_OPD, the default, needs gold data; opd.SEQ_KD needs none)."""
 
-    def __init__(self, trainer: StableOPDTrainer, every: int = 5):
-        self.trainer, self.guard = trainer, opd.Guard(every)
+    def __init__(self, trainer: StableOPDTrainer, every: int = 5, fix=None):
+        self.trainer, self.guard = trainer, opd.Guard(every, fix)
 
     def on_step_end(self, args, state, control, **kwargs):      # after the optimizer step, before the step's log
         t = self.trainer
-        now = opd.LossSettings(objective="full", ref_kl=t.ref_kl, sft_coef=t.sft_coef)
+        now = opd.LossSettings(objective="full", ref_kl=t.ref_kl, sft_coef=t.sft_coef, seq_kd_coef=t.seq_kd_coef)
         new = self.guard.step(t.length_monitor, state.global_step - 1, t.accelerator.unwrap_model(t.model),
                               t.optimizer, now)
         if new is not None:
-            t.ref_kl, t.sft_coef = new.ref_kl, new.sft_coef
+            t.ref_kl, t.sft_coef, t.seq_kd_coef = new.ref_kl, new.sft_coef, new.seq_kd_coef
             t._metrics["train"]["guard/acted"].append(1.0)
 # --- end of the recipe
 
@@ -159,7 +173,8 @@ class MetricsLog(TrainerCallback):
         self.write({"step": state.global_step, **self.held_out()})
 
 
-PEERS = ["trl", "trl-stable", "trl-guard", "opd.py full-vocab", "opd.py stable-opd"]   # Fig. 1's order
+PEERS = ["trl", "trl-stable", "trl-seq-kd", "trl-guard", "opd.py full-vocab", "opd.py stable-opd",
+         "opd.py seq-kd"]                                                  # Fig. 1's order
 
 
 def peer_report(out, folders):
@@ -177,7 +192,7 @@ def peer_report(out, folders):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--method", choices=["trl", "trl-stable", "trl-guard"], default="trl")
+    p.add_argument("--method", choices=["trl", "trl-stable", "trl-seq-kd", "trl-guard"], default="trl")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=opd.Config.steps)
     p.add_argument("--batch-size", type=int, default=opd.Config.batch_size)
@@ -201,7 +216,7 @@ def main(argv=None):
     task = opd.MotifTask(eval_size=cfg.eval_size)
     prompts = Dataset.from_list([{"prompt": e["prompt"]} for e in task.sample(a.steps * a.batch_size, random.Random(a.seed))])
     world = int(__import__("os").environ.get("WORLD_SIZE", 1))
-    stable = dict(opd.STABLE_OPD) if a.method == "trl-stable" else {}
+    stable = {"trl-stable": opd.STABLE_OPD, "trl-seq-kd": opd.SEQ_KD}.get(a.method, {})
     trainer = StableOPDTrainer(model=student, teacher_model=teacher, args=opd_args(
         f"{a.out_dir}/trainer", a.steps, a.batch_size, cfg.max_new_tokens, cfg.temperature, cfg.lr, a.seed, world),
         train_dataset=prompts, processing_class=tok, gold=task.gold_set(cfg.gold_size), **stable,

@@ -1845,13 +1845,14 @@ METHODS = {                       # preset -> settings; a flag given on the comm
     "adv-clip": {"adv_regulation": "clip"},
     "eos-mask": {"eos_mask": True},
     "rep-penalty": {"rep_penalty": 1.3},          # CTRL's 1.2-1.3 range
-    "opd+guard": {"guard": True},
+    "opd+guard": {"guard": True},                # the guard's fix: Stable-OPD (gold data)
     "full-vocab": {"objective": "full"},
     # fixes that need no gold data; settings chosen by the search in the tutorial
     "seq-kd": dict(SEQ_KD),
     "prefix-opd": {"prefix_len": 16},
     "iw-opd": {"iw_gamma": 5.0},
     "topk": {"objective": "topk", "top_k": 1},
+    "guard-seq-kd": {"guard": True, "guard_fix": "seq-kd"},   # the guard without gold data
 }
 LOSS_FIELDS = {f.name for f in dataclasses.fields(LossSettings)}
 
@@ -1859,7 +1860,8 @@ LOSS_FIELDS = {f.name for f in dataclasses.fields(LossSettings)}
 def needs_gold(method: str) -> bool:
     """Whether a preset trains on reference solutions: an SFT term, or the guard's Stable-OPD."""
     preset = METHODS[method]
-    return preset.get("sft_coef", 0) > 0 or preset.get("guard", False)
+    fix = preset.get("guard_fix", "auto")          # 'auto' is Stable-OPD on the toy task's data
+    return preset.get("sft_coef", 0) > 0 or (preset.get("guard", False) and fix != "seq-kd")
 
 
 def flag_fields() -> list:
@@ -2051,6 +2053,11 @@ def run_study(base: Config, given=frozenset()):
     if len({m for m, _ in runs}) > 4:                  # a comparison of fixes: rank them
         parts["ranking"] = ranking_table(rows, results)
         plot_ranking(rows, out)
+    else:
+        parts["time"] = time_table(results)
+        if any(m == "opd" and r["takeoff_step"] != "" for r in rows for m in [r["method"]]):
+            parts["phases"] = phase_table(results)
+            parts["mechanism"] = mechanism_table(results)
     command = "python opd.py" + "".join(f" --{k} {getattr(base, k)}" for k in ("methods", "seeds")
                                         if k in given)
     write_results(rows, out, parts, f"`{command}`")
@@ -2196,6 +2203,95 @@ def runs_table(rows, label=None) -> str:
                       f"{r['trunc_rate_max']:.2f}",
                       f"{r['rep_rate_step0']:.2f} -> {r['rep_rate_max']:.2f}",
                       f"{r['acc_final']:.2f}", r["verdict"]] for r in rows])
+
+
+def time_table(results) -> str:
+    """Where each run's time went: seconds in each phase, summed over its steps (time/*)."""
+    phases = ("rollout", "teacher", "update", "eval")
+    lines = []
+    for m, seed, rows in results:
+        spent = [sum(r.get(f"time/{k}_s", 0.0) for r in rows) for k in phases]
+        lines.append([f"{m}, seed {seed}", *[f"{x:.0f} s" for x in spent], f"{sum(spent):.0f} s"])
+    return markdown(["run", "rollout", "teacher forward", "student forward, loss, backward",
+                     "held-out evaluation", "sum"], lines)
+
+
+def _window(rows, key, lo, hi):
+    """The finite values of `key` on training steps lo <= step < hi."""
+    return [r[key] for r in rows if "rollout/trunc_rate" in r and lo <= r["step"] < hi
+            and key in r and r[key] == r[key]]
+
+
+def _mean(x):
+    return sum(x) / len(x) if x else math.nan
+
+
+def phase_table(results) -> str:
+    """The monitor's figures on plain OPD before and after its collapse: per key, the range over
+    seeds of each seed's mean over the healthy steps (60 up to 10 before the take-off) and over
+    the collapsed ones (from 10 after the take-off to the end)."""
+    runs = [(s, rows, first_step(rows, "rollout/trunc_rate", TAKEOFF)) for m, s, rows in results
+            if m == "opd"]
+    runs = [(s, rows, t) for s, rows, t in runs if t != ""]
+    keys = ["rollout/len_mean", "rollout/trunc_rate", "rollout/rep_rate", "rollout/ngram_rep",
+            "rollout/accuracy", "logp/student", "logp/teacher", "kl/reverse", "adv/repetitive_frac",
+            "eos/p_student", "eos/p_teacher", "eos/teacher_lower_frac"]
+
+    def span(key, lo, hi):
+        means = [_mean(_window(rows, key, lo(t), hi(t, rows))) for _, rows, t in runs]
+        means = [x for x in means if x == x]
+        return f"{min(means):.2f} to {max(means):.2f}" if means else "no value"
+    end = (lambda t, rows: rows[-1]["step"] + 1)
+    lines = [[f"`{k}`", span(k, lambda t: 60, lambda t, rows: t - 10),
+              span(k, lambda t: t + 10, end)] for k in keys]
+    return markdown(["key", "healthy: steps 60 to 10 before the take-off",
+                     "collapsed: 10 steps after the take-off to the end"], lines)
+
+
+def mechanism_table(results) -> str:
+    """Plain OPD, per seed: the KL and the teacher's log-prob before the drift and just before
+    the take-off, the advantage of tokens in a repetitive tail against the others once the
+    loops set in, and when the repetitive ones first get the larger advantage."""
+    lines = []
+    for m, seed, rows in results:
+        t = first_step(rows, "rollout/trunc_rate", TAKEOFF)
+        if m != "opd" or t == "":
+            continue
+        end = rows[-1]["step"] + 1
+        tr = [r for r in rows if "rollout/trunc_rate" in r]
+        above = [r["step"] for r in tr if r.get("adv/repetitive", math.nan) > r["adv/regular"]]
+        good = next((s for s in above if all(x in above for x in range(s, min(s + 20, end)))), "")
+        lines.append([seed, t, f"{_mean(_window(rows, 'kl/reverse', 60, t - 10)):.2f}",
+                      f"{_mean(_window(rows, 'kl/reverse', t - 10, t)):.2f}",
+                      f"{_mean(_window(rows, 'logp/teacher', 60, t - 10)):.2f}",
+                      f"{_mean(_window(rows, 'logp/teacher', t - 10, t)):.2f}",
+                      f"{_mean(_window(rows, 'adv/repetitive', end - 40, end)):.2f} against "
+                      f"{_mean(_window(rows, 'adv/regular', end - 40, end)):.2f}",
+                      above[0] if above else "never", good or "never",
+                      f"{_mean(_window(rows, 'eos/teacher_lower_frac', 60, t)):.2f}"])
+    return markdown(["seed", "take-off", "KL, steps 60 to take-off - 10", "KL, the 10 steps before",
+                     "teacher log-prob, steps 60 to take-off - 10", "the 10 steps before",
+                     "advantage, repetitive tail against the rest, last 40 steps",
+                     "repetitive first above the rest", "above for 20 steps in a row from",
+                     "stops with p_T(EOS) < p_S(EOS), step 60 to take-off"], lines)
+
+
+def position_table(results, lo: int = 0, hi: int = 10) -> str:
+    """Where in the response the teacher agrees, per method: the mean over its runs and over the
+    training steps lo <= step < hi of each position bin's advantage, share of positive advantage
+    and teacher log-prob (position_profile(), logged as pos/*)."""
+    bins = [f"{a}-{b - 1}" for a, b in zip(POSITION_BINS, POSITION_BINS[1:])] + \
+        [f"{POSITION_BINS[-1]}+"]
+    names = {"pos/adv": "mean A_t", "pos/adv_positive": "share of tokens with A_t > 0",
+             "pos/logp_teacher": "teacher log-prob"}
+    lines = []
+    for m in dict.fromkeys(m for m, _, _ in results):
+        steps = [r for mm, _, rows in results if mm == m for r in rows
+                 if "pos/adv" in r and lo <= r["step"] < hi]
+        for key, name in names.items():
+            cols = [[r[key][i] for r in steps if r[key][i] == r[key][i]] for i in range(len(bins))]
+            lines.append([m, name, *[f"{_mean(c):.2f}" if c else "" for c in cols]])
+    return markdown(["run", "figure", *[f"tokens {b}" for b in bins]], lines)
 
 
 def held(rows, results) -> dict:
@@ -2382,9 +2478,11 @@ def report_runs(out, *folders):
     """One table line per run folder, labelled by its path, and the mean over runs per method."""
     runs = _runs_in(folders)
     rows = [dict(summarize(m, s, r), run=label) for label, m, s, r in runs]
-    write_results(rows, Path(out), {"runs": runs_table(rows, label=lambda r: r["run"]),
-                                    "summary": summary_table(rows)},
-                  f"`python opd.py report runs {out} {' '.join(folders)}`")
+    parts = {"runs": runs_table(rows, label=lambda r: r["run"]), "summary": summary_table(rows)}
+    if all(any("pos/adv" in x for x in r) for *_, r in runs):
+        labelled = [(label.rsplit("-s", 1)[0], s, r) for label, _, s, r in runs]
+        parts["positions"] = position_table(labelled)
+    write_results(rows, Path(out), parts, f"`python opd.py report runs {out} {' '.join(folders)}`")
 
 
 def report_signals(out, *folders):
@@ -2428,7 +2526,13 @@ def report_builds(out, *folders, cache_dir=".cache"):
     table = markdown(["build (`--pair-seed`)", "teacher: accuracy, p(EOS) at d = 0, 1, 2",
                       "student accuracy", "plain OPD seed 0: step 0 -> peak, take-off, final: "
                       "verdict", "seed 1", "`stable-opd` seed 0: worst truncation, final"], lines)
-    write_results(rows, Path(out), {"builds": table},
+    depths = range(-1, 6)
+    shipped = {role: json.loads((SHIPPED / role / "build.json").read_text())["p_eos_by_depth"]
+               for role in ("teacher", "student")}
+    profile = markdown(["`d`, repeats past the asked count", *[str(d) for d in depths]],
+                       [[f"{role} `p(EOS)`", *[f"{p[str(d)]:.3f}" for d in depths]]
+                        for role, p in shipped.items()])
+    write_results(rows, Path(out), {"builds": table, "shipped-pair": profile},
                   f"`python opd.py report builds {out} {' '.join(folders)}`")
 
 
@@ -2439,7 +2543,7 @@ METHOD_COLORS = {"opd": "#d62728", "stable-opd": "#2ca02c", "sft-only": "#1f77b4
                  "drop-trunc": "#8c564b", "overlong": "#e377c2", "adv-log": "#7f7f7f",
                  "adv-clip": "#17becf", "eos-mask": "#393b79", "rep-penalty": "#000000",
                  "full-vocab": "#e6ab02", "seq-kd": "#1b9e77", "prefix-opd": "#7570b3",
-                 "iw-opd": "#d95f02", "topk": "#66a61e",
+                 "iw-opd": "#d95f02", "topk": "#66a61e", "guard-seq-kd": "#e7298a",
                  "trl": "#a50f15", "trl-stable": "#00441b", "trl-seq-kd": "#005a5b",
                  "trl-guard": "#54278f"}
 PANELS = {"eval/accuracy": ("held-out accuracy, greedy", "exact match"),
@@ -2617,8 +2721,9 @@ def plot_study(results, out: Path, head=None):
                 ax.axvspan(acted, max(t, acted + 1), color="#ffbf00", alpha=0.5,
                            label="guard acted -> opd took off")
             ax.set(ylim=(-0.02, 1.02), ylabel=PANELS[key][1] if j == 0 else None)
-        lead = f"; {t - acted} steps before the take-off" if acted is not None and t != "" else ""
-        axes[0, j].set_title(f"seed {s}: truncation\nguard acted at {acted}{lead}", fontsize=8)
+        when = f"guard at {acted}" if acted is not None else "the guard never acted"
+        when += f", take-off at {t}" if t != "" else ""
+        axes[0, j].set_title(f"seed {s}: truncation\n{when}", fontsize=8)
         axes[1, j].set_title(f"seed {s}: held-out accuracy", fontsize=8)
         axes[1, j].set_xlabel("OPD step")
     axes[1, 0].legend(loc="lower left")

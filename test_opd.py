@@ -1730,7 +1730,7 @@ def test_docs_tables_are_quoted_from_committed_results():
     for doc in ("README.md", "tutorial.md"):
         for marker, table in doc_tables((HERE / doc).read_text()):
             assert marker, f"{doc}: a table with no marker: {table.splitlines()[0]}"
-            m = re.match(r"<!-- from (plots/\S+/results\.md|plots/results\.md)#(\w+) -->", marker)
+            m = re.match(r"<!-- from (plots/\S+/results\.md|plots/results\.md)#([\w-]+) -->", marker)
             if m is None:
                 assert marker.startswith("<!-- reference: "), marker
                 continue

@@ -53,6 +53,7 @@ import random
 import re
 import shlex
 import shutil
+import statistics
 import sys
 import time
 import zlib
@@ -2051,7 +2052,13 @@ def run_study(base: Config, given=frozenset()):
     rows = [summarize(m, s, r) for m, s, r in results]
     parts = {"summary": summary_table(rows), "runs": runs_table(rows)}
     if len({m for m, _ in runs}) > 4:                  # a comparison of fixes: rank them
-        parts["ranking"] = ranking_table(rows, results)
+        costs = out / "cost.json"                        # measured once, after the runs
+        if not costs.exists() or not base.replot:
+            out.mkdir(parents=True, exist_ok=True)
+            methods = list(dict.fromkeys(m for m, _ in runs))
+            costs.write_text(json.dumps(measure_cost(base, methods), indent=1))
+        parts["ranking"] = ranking_table(rows, results, json.loads(costs.read_text()))
+        parts["late-fixes"] = divergence_table(results)
         plot_ranking(rows, out)
     else:
         parts["time"] = time_table(results)
@@ -2096,8 +2103,8 @@ def first_step(rows, key, above: float):
 def shape(rows) -> dict:
     """The verdict on one run, from its metrics.jsonl rows (tutorial, the collapse):
 
-    learned    the held-out accuracy peaked at least LEARNED above step 0, with the rollouts'
-               truncation at most QUIET on every training step before the peak;
+    learned    the held-out accuracy reached at least LEARNED above step 0 at an evaluation
+               before which the rollouts' truncation had stayed at most QUIET on every step;
     collapsed  the run took off (truncation > TAKEOFF), truncation reached COLLAPSE_TRUNC, and
                the final accuracy is at least COLLAPSE_DROP under the peak;
     persisted  after the take-off, truncation stayed at or above TAKEOFF on most steps.
@@ -2106,10 +2113,11 @@ def shape(rows) -> dict:
     ev = [r for r in rows if "eval/accuracy" in r]
     acc = [r["eval/accuracy"] for r in ev]
     peak = max(acc)
-    peak_step = ev[acc.index(peak)]["step"]
     takeoff = first_step(tr, "rollout/trunc_rate", TAKEOFF)
-    learned = peak - acc[0] >= LEARNED - 1e-9 and all(
-        r["rollout/trunc_rate"] <= QUIET for r in tr if r["step"] < peak_step)
+    quiet_until = first_step(tr, "rollout/trunc_rate", QUIET)
+    quiet_until = math.inf if quiet_until == "" else quiet_until        # the first loud step
+    learned = any(a - acc[0] >= LEARNED - 1e-9 and r["step"] <= quiet_until
+                  for a, r in zip(acc, ev))
     collapsed = takeoff != "" and max(r["rollout/trunc_rate"] for r in tr) >= COLLAPSE_TRUNC \
         and peak - acc[-1] >= COLLAPSE_DROP - 1e-9
     after = [r["rollout/trunc_rate"] >= TAKEOFF for r in tr
@@ -2125,14 +2133,6 @@ def shape(rows) -> dict:
     return {"learned": learned, "collapsed": collapsed, "persisted": persisted, "verdict": verdict}
 
 
-def step_seconds(rows, until: int = 100) -> float:
-    """Median seconds of one training step (rollout, teacher, update) over the steps before
-    `until`: what a method's extra terms cost, before any inflation lengthens the rollouts."""
-    t = sorted(sum(r.get(f"time/{k}_s", 0.0) for k in ("rollout", "teacher", "update"))
-               for r in rows if "time/update_s" in r and r["step"] < until)
-    return t[len(t) // 2] if t else math.nan
-
-
 def summarize(method, seed, rows) -> dict:
     """One results.csv row: per-seed figures of the learning phase, the collapse and the alerts."""
     tr = [r for r in rows if "rollout/trunc_rate" in r]
@@ -2143,7 +2143,8 @@ def summarize(method, seed, rows) -> dict:
     guard = next((r["step"] for r in tr if r.get("guard/acted")), "")
     trunc = [r["rollout/trunc_rate"] for r in tr]
     quiet = first_step(tr, "rollout/trunc_rate", QUIET)          # steps before truncation > 0.05
-    return {"method": method, "seed": seed,
+    return {"method": method, "seed": seed, "steps": len(tr),
+            "finished": "no" if "rollout/trunc_rate" in rows[-1] else "yes",   # a final evaluation
             "acc_step0": acc[0], "acc_peak": max(acc),
             "acc_peak_step": ev[acc.index(max(acc))]["step"], "acc_final": acc[-1],
             "acc_sampled_step0": acc_s[0], "acc_sampled_peak": max(acc_s),
@@ -2163,8 +2164,7 @@ def summarize(method, seed, rows) -> dict:
             "guard_step": guard,
             "trunc_after_guard": max((r["rollout/trunc_rate"] for r in tr if r["step"] > guard),
                                      default="") if guard != "" else "",
-            **{k: {True: "yes", False: "no"}.get(v, v) for k, v in shape(rows).items()},
-            "step_s": round(step_seconds(rows), 5)}
+            **{k: {True: "yes", False: "no"}.get(v, v) for k, v in shape(rows).items()}}
 
 
 TABLE_COLS = ["acc_step0", "acc_peak", "acc_final", "acc_sampled_step0", "acc_sampled_peak",
@@ -2192,12 +2192,14 @@ def summary_table(rows) -> str:
 
 
 def runs_table(rows, label=None) -> str:
-    """One line per run: the learning phase, the collapse, and shape()'s verdict."""
+    """One line per run: the learning phase, the collapse, and shape()'s verdict. A run cut
+    before its final evaluation says so; its final accuracy is then its last evaluation's."""
     label = label or (lambda r: f"{r['method']}, seed {r['seed']}")
-    return markdown(["run", "steps with truncation <= 0.05", "accuracy step 0 -> peak (step)",
-                     "take-off", "worst truncation", "repetition step 0 -> worst",
-                     "final accuracy", "verdict"],
-                    [[label(r), r["quiet_steps"],
+    return markdown(["run", "steps", "steps with truncation <= 0.05",
+                     "accuracy step 0 -> peak (step)", "take-off", "worst truncation",
+                     "repetition step 0 -> worst", "final accuracy", "verdict"],
+                    [[label(r), r["steps"] if r["finished"] == "yes" else f"{r['steps']} (cut)",
+                      r["quiet_steps"],
                       f"{r['acc_step0']:.2f} -> {r['acc_peak']:.2f} ({r['acc_peak_step']})",
                       r["takeoff_step"] if r["takeoff_step"] != "" else "none",
                       f"{r['trunc_rate_max']:.2f}",
@@ -2267,11 +2269,13 @@ def mechanism_table(results) -> str:
                       f"{_mean(_window(rows, 'logp/teacher', t - 10, t)):.2f}",
                       f"{_mean(_window(rows, 'adv/repetitive', end - 40, end)):.2f} against "
                       f"{_mean(_window(rows, 'adv/regular', end - 40, end)):.2f}",
+                      sum(r["rollout/rep_rate"] > 0 for r in tr if r["step"] < t),
                       above[0] if above else "never", good or "never",
                       f"{_mean(_window(rows, 'eos/teacher_lower_frac', 60, t)):.2f}"])
     return markdown(["seed", "take-off", "KL, steps 60 to take-off - 10", "KL, the 10 steps before",
                      "teacher log-prob, steps 60 to take-off - 10", "the 10 steps before",
                      "advantage, repetitive tail against the rest, last 40 steps",
+                     "steps with a looping rollout before the take-off",
                      "repetitive first above the rest", "above for 20 steps in a row from",
                      "stops with p_T(EOS) < p_S(EOS), step 60 to take-off"], lines)
 
@@ -2294,6 +2298,26 @@ def position_table(results, lo: int = 0, hi: int = 10) -> str:
     return markdown(["run", "figure", *[f"tokens {b}" for b in bins]], lines)
 
 
+def divergence_table(results, methods=("drop-trunc", "overlong")) -> str:
+    """Fixes that act only on rollouts near the budget, against plain OPD on the same seed: the
+    first step whose loss differs from plain OPD's (until then the two runs are one run), the
+    first step with a truncated rollout, and each run's take-off."""
+    plain = {s: rows for m, s, rows in results if m == "opd"}
+    lines = []
+    for m, seed, rows in results:
+        if m not in methods or seed not in plain:
+            continue
+        a = {r["step"]: r["loss/total"] for r in plain[seed] if "loss/total" in r}
+        b = [r for r in rows if "loss/total" in r]
+        split = next((r["step"] for r in b if a.get(r["step"]) != r["loss/total"]), "never")
+        steps = [first_step(b, "rollout/trunc_rate", 0),                   # '' where none
+                 first_step(b, "rollout/trunc_rate", TAKEOFF),
+                 first_step(plain[seed], "rollout/trunc_rate", TAKEOFF)]
+        lines.append([f"{m}, seed {seed}", split, *[x if x != "" else "none" for x in steps]])
+    return markdown(["run", "first step whose loss differs from plain OPD's",
+                     "first truncated rollout", "take-off", "plain OPD's take-off"], lines)
+
+
 def held(rows, results) -> dict:
     """Per run (method, seed): whether the fix held, as tutorial section 5 asks of a fix: the
     rollouts' truncation at most 0.1 on every step and a final accuracy at or above plain OPD's
@@ -2310,19 +2334,32 @@ def held(rows, results) -> dict:
     return out
 
 
-def ranking_table(rows, results) -> str:
+def measure_cost(base: Config, methods, steps: int = 25) -> dict:
+    """Seconds per training step of each method, one after the other in this process on seed 0
+    (median of steps 5 to `steps` - 1, before any run inflates): what each method's extra
+    terms cost, measured under the same conditions, without the noise of parallel runs."""
+    out = {}
+    for m in methods:
+        cfg = with_settings(config_for(base, m, base.seed), steps=steps, eval_every=10**6,
+                            save_every=0, out_dir=str(Path(base.out_dir) / "cost"), log_every=10**6,
+                            log_samples_every=0, run_name=m)
+        rows = [r for r in run_opd(cfg, m) if "time/update_s" in r and r["step"] >= 5]
+        out[m] = statistics.median(sum(r[f"time/{k}_s"] for k in ("rollout", "teacher", "update"))
+                                   for r in rows)
+    return out
+
+
+def ranking_table(rows, results, cost: dict) -> str:
     """Every method, worst seed first: what it needs, what it costs, how it ended."""
     ok = held(rows, results)
-    base = [r["step_s"] for r in rows if r["method"] == "opd"]
-    base = sorted(base)[len(base) // 2] if base else math.nan
     lines = []
     for m in dict.fromkeys(r["method"] for r in rows):
         rs = [r for r in rows if r["method"] == m]
         finals = [r["acc_final"] for r in rs]
-        cost = sorted(r["step_s"] for r in rs)[len(rs) // 2] / base
+        cost_ratio = cost[m] / cost["opd"]
         n_held = sum(bool(ok[(m, r["seed"])]) for r in rs)
         lines.append((min(finals), [m, "yes" if m in METHODS and needs_gold(m) else "no",
-                                    f"{cost:.2f}", f"{sum(finals) / len(finals):.2f}",
+                                    f"{cost_ratio:.2f}", f"{sum(finals) / len(finals):.2f}",
                                     f"{min(finals):.2f}", f"{max(finals):.2f}",
                                     f"{sum(r['takeoff_step'] != '' for r in rs)}/{len(rs)}",
                                     f"{max(r['trunc_rate_max'] for r in rs):.2f}",

@@ -115,9 +115,11 @@ def rows_of(d, name):
     return opd.read_metrics(d / name / "metrics.jsonl")
 
 
-def _tiny_cfg(work, method="opd", seed=0, **overrides):
-    """The tiny config of the command-line tests, as run_opd takes it (in-process)."""
-    base, given = opd.parse_config(TINY + ["--cache-dir", str(work / "cache"), "--out-dir", str(work / "inproc")])
+def _tiny_cfg(work, method="opd", seed=0, flags=(), **overrides):
+    """The tiny config of the command-line tests, as run_opd takes it (in-process); `flags` are
+    given on the command line (they win over the preset), `overrides` set afterwards."""
+    base, given = opd.parse_config(TINY + ["--cache-dir", str(work / "cache"), "--out-dir", str(work / "inproc"),
+                                           *flags])
     return opd.with_settings(opd.config_for(base, method, seed, given), **overrides)
 
 
@@ -897,9 +899,10 @@ def test_every_preset_runs_with_its_own_term_on(work, plain_rows, method):
     """Each preset trains, and what sets it apart from plain OPD is on in its logs: its extra loss
     term, or on step 0's rollouts (the same as plain OPD's) an OPD term of another value, or other
     rollouts (rep-penalty), or the guard's action (an alert forced at step 1)."""
-    extra = {"opd+guard": {"alert_max_len": 1}, "prefix-opd": {"prefix_len": 4}, "adv-clip": {"adv_clip": 0.05},
-             "rep-penalty": {"rep_penalty": 50.0}}.get(method, {})            # settings that act on a tiny pair
-    rows = opd.run_opd(_tiny_cfg(work, method=method, **extra), method)
+    flags = {"opd+guard": ["--alert-max-len", "1"], "guard-seq-kd": ["--alert-max-len", "1"],
+             "prefix-opd": ["--prefix-len", "4"], "adv-clip": ["--adv-clip", "0.05"],
+             "rep-penalty": ["--rep-penalty", "50"]}.get(method, [])          # settings that act on a tiny pair
+    rows = opd.run_opd(_tiny_cfg(work, method=method, flags=flags), method)
     train, plain = [r for r in rows if "loss/total" in r], plain_rows[0]
     assert len(rows) == 5 and all(math.isfinite(r["loss/total"]) for r in train)
     for term in EXTRA_TERMS.get(method, ()):
@@ -913,6 +916,8 @@ def test_every_preset_runs_with_its_own_term_on(work, plain_rows, method):
         assert (train[0]["rollout/len_mean"], train[0]["loss/opd"]) != (plain["rollout/len_mean"], plain["loss/opd"])
     if method == "opd+guard":
         assert train[1].get("guard/acted") == 1 and "loss/sft" in train[2] and "loss/sft" not in train[1]
+    if method == "guard-seq-kd":
+        assert train[1].get("guard/acted") == 1 and train[2]["loss/seq_kd"] >= 0 and "loss/seq_kd" not in train[1]
 
 
 def test_sft_only_does_not_depend_on_the_teacher(work):
@@ -1575,8 +1580,9 @@ def _rows(acc, trunc, every=20):
 
 
 def test_shape_on_hand_made_runs():
-    """shape(): learned (+0.10 with truncation <= 0.05 before the peak), collapsed (take-off,
-    truncation >= 0.5, final 0.15 under the peak), persisted (>= 0.3 on most steps after it)."""
+    """shape(): learned (+0.10 at an evaluation with truncation <= 0.05 on every step before it),
+    collapsed (take-off, truncation >= 0.5, final 0.15 under the peak), persisted (>= 0.3 on most
+    steps after it). A guarded run that learned, loops briefly and recovers to a later peak learned."""
     up_down = [0.5, 0.7, 0.7, 0.3, 0.1]                              # evals at 0, 20, 40, 60, 80 and the end
     collapse = [0.0] * 50 + [0.6] * 30
     v = opd.shape(_rows(up_down + [0.1], collapse))
@@ -1591,6 +1597,8 @@ def test_shape_on_hand_made_runs():
     kept = opd.shape(_rows([0.5, 0.7, 0.7, 0.7, 0.65, 0.65], [0.0] * 50 + [0.6] * 30))
     assert kept["verdict"] == "learned, inflated, kept its accuracy" and not kept["collapsed"]
     assert opd.shape(_rows([0.5, 0.7, 0.8, 0.8, 0.8, 0.8], [0.0] * 80))["verdict"] == "learned, no collapse"
+    guarded = [0.0] * 45 + [0.2] * 5 + [0.0] * 30                          # loops at 45-49, then healed
+    assert opd.shape(_rows([0.5, 0.7, 0.6, 0.8, 0.85, 0.85], guarded))["verdict"] == "learned, no collapse"
 
 
 
@@ -1607,11 +1615,11 @@ def test_ranking_sorts_by_the_worst_seed_and_counts_what_held():
                run("seq-kd", 0, 0.95, 0.0), run("seq-kd", 1, 0.2, 0.0),
                run("stable-opd", 0, 0.85, 0.0), run("stable-opd", 1, 0.81, 0.05)]
     rows = [opd.summarize(m, s, r) for m, s, r in results]
-    table = opd.ranking_table(rows, results).splitlines()[2:]
+    table = opd.ranking_table(rows, results, {"opd": 2.0, "seq-kd": 3.0, "stable-opd": 2.0}).splitlines()[2:]
     assert [l.split("|")[1].strip() for l in table] == ["stable-opd", "seq-kd", "opd"]
     cells = [c.strip() for c in table[0].strip("|").split("|")]
     assert cells[1] == "yes" and cells[2] == "1.00" and cells[-1] == "2/2" and cells[-3] == "0/2"
-    assert [c.strip() for c in table[1].strip("|").split("|")][1] == "no"
+    assert [c.strip() for c in table[1].strip("|").split("|")][1:3] == ["no", "1.50"]
 
 
 @given(st.lists(st.floats(0, 1), min_size=1, max_size=40), st.floats(0, 1), st.integers(1, 4))
@@ -1725,14 +1733,15 @@ def doc_tables(text):
 def test_docs_tables_are_quoted_from_committed_results():
     """Every table of README.md and tutorial.md is marked: `<!-- from plots/x/results.md#part -->`
     tables are byte for byte that part of a committed file (written by the command the docs show),
-    and the others say what they are instead (`<!-- reference: ... -->`: settings, formulas)."""
+    and the others say what they are instead: `<!-- reference: ... -->` (settings, definitions)
+    or `<!-- history: ... -->` (measured at an earlier commit, kept as measured)."""
     quoted = 0
     for doc in ("README.md", "tutorial.md"):
         for marker, table in doc_tables((HERE / doc).read_text()):
             assert marker, f"{doc}: a table with no marker: {table.splitlines()[0]}"
             m = re.match(r"<!-- from (plots/\S+/results\.md|plots/results\.md)#([\w-]+) -->", marker)
             if m is None:
-                assert marker.startswith("<!-- reference: "), marker
+                assert marker.startswith(("<!-- reference: ", "<!-- history: ")), marker
                 continue
             assert table == opd.table_part(HERE / m.group(1), m.group(2)), f"{doc}: {marker} differs"
             quoted += 1
@@ -1802,12 +1811,21 @@ def test_help_strings_say_what_and_why_not_what_a_run_measured():
         assert set(number.findall(text)) <= set(number.findall(repr(f.default))), (f.name, text)
 
 
-def test_tutorial_sections_match_banners():
-    banners = re.findall(r"^# (\d)\. (.+)$", (HERE / "opd.py").read_text(), re.M)
-    heads = re.findall(r"^## (\d)\. (.+)$", (HERE / "tutorial.md").read_text(), re.M)
-    assert [b[0] for b in banners] == [h[0] for h in heads] == [str(i) for i in range(1, 9)]
-    for (_, b), (_, h) in zip(banners, heads):
-        assert b.split(":")[0].strip().lower() == h.split(":")[0].strip().lower()
+def test_tutorial_sections_name_the_parts_of_opd_they_read():
+    """The tutorial follows a reader's order, not the file's: each numbered section opens with a
+    line naming the sections of opd.py it reads, by number and banner title, and together they
+    name every banner of opd.py."""
+    banners = dict(re.findall(r"^# (\d+)\. ([^:\n]+)", (HERE / "opd.py").read_text(), re.M))
+    assert list(banners) == [str(i) for i in range(1, 11)]
+    text = (HERE / "tutorial.md").read_text()
+    heads = re.findall(r"^## (\d+)\. .+\n\n> Reads `opd.py` ((?:.+\n>)*.+)", text, re.M)
+    assert [h[0] for h in heads] == [str(i) for i in range(1, 9)], [h[0] for h in heads]
+    named = set()
+    for _, line in heads:
+        for number, title in re.findall(r"(?:sections? |and |, )(\d+) \(([^)]+)\)", line.replace("\n>", "")):
+            assert banners[number].strip() == title.strip(), (number, title)
+            named.add(number)
+    assert named == set(banners), set(banners) - named
 
 
 # ----------------------------------------------------------------------------- TRL (requirements-test.txt)

@@ -1657,28 +1657,34 @@ class Laps:
         self.times[name], self.last = now - self.last, now
 
 
+def _peak_rss_mb(reset: bool = False) -> float:
+    """This process's peak resident memory in MB (Linux's VmHWM); reset=True starts it afresh
+    from the memory in use now, so a peak reached before (by imports, say) does not hide one."""
+    if reset:
+        Path("/proc/self/clear_refs").write_text("5")
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
+
+
 def _loss_memory(vocab, batch, length, hidden, chunk, objective):
     """loss_peak_memory()'s measurement; it runs in a process of its own and prints its result."""
-    import resource
     torch.manual_seed(0)
     hs = torch.randn(batch, length, hidden, requires_grad=True)                # (B, T, H)
     ht = torch.randn(batch, length, hidden)                                    # (B, T, H)
     head_s = torch.nn.Linear(hidden, vocab, bias=False)
     head_t = torch.nn.Linear(hidden, vocab, bias=False).requires_grad_(False)
     y = torch.randint(0, vocab, (batch, length))                               # (B, T)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = _peak_rss_mb(reset=True)
     t = token_terms(hs, head_s, ht, head_t, y, 0, 1.0, chunk, objective)
     loss = (t.kl if objective != "sampled" else -t.logp_student).mean()
     loss.backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"loss_mb": (peak - base) / 1024, "loss": float(loss)}))
+    print(json.dumps({"loss_mb": _peak_rss_mb() - base, "loss": float(loss)}))
 
 
 def loss_peak_memory(vocab=152_000, batch=4, length=1024, hidden=256, chunk=0,
                      objective="full") -> dict:
     """Peak resident memory (MB) of one loss and its backward on random hidden states, above the
-    inputs and the two vocabulary heads. Measured in a fresh process: a process's peak only
-    grows, so each measurement needs its own."""
+    inputs and the two vocabulary heads, measured in a fresh process (Linux: VmHWM)."""
     import subprocess
     args = json.dumps([vocab, batch, length, hidden, chunk, objective])
     # glibc keeps freed blocks below its mmap threshold for reuse, so the peak would count
@@ -2318,6 +2324,22 @@ def divergence_table(results, methods=("drop-trunc", "overlong")) -> str:
                      "first truncated rollout", "take-off", "plain OPD's take-off"], lines)
 
 
+def stops_table(results, lo: int = 0, hi: int = 10) -> str:
+    """Per method, the mean over its runs and the training steps lo <= step < hi of the
+    rollouts' length and truncation, the EOS probabilities where they stopped, and the
+    advantage: does the teacher push against stopping?"""
+    keys = ["rollout/len_mean", "rollout/trunc_rate", "eos/p_student", "eos/p_teacher",
+            "eos/teacher_lower_frac", "adv/mean"]
+    lines = []
+    for m in dict.fromkeys(m for m, _, _ in results):
+        steps = [r for mm, _, rows in results if mm == m for r in rows
+                 if "rollout/trunc_rate" in r and lo <= r["step"] < hi]
+        lines.append([m, *[f"{_mean([r[k] for r in steps if r.get(k) == r.get(k)]):.2f}"
+                           for k in keys]])
+    return markdown(["run", "rollout length", "truncation", "p_S(EOS) at the stops",
+                     "p_T(EOS) at the stops", "stops with p_T < p_S", "mean A_t"], lines)
+
+
 def held(rows, results) -> dict:
     """Per run (method, seed): whether the fix held, as tutorial section 5 asks of a fix: the
     rollouts' truncation at most 0.1 on every step and a final accuracy at or above plain OPD's
@@ -2519,6 +2541,7 @@ def report_runs(out, *folders):
     if all(any("pos/adv" in x for x in r) for *_, r in runs):
         labelled = [(label.rsplit("-s", 1)[0], s, r) for label, _, s, r in runs]
         parts["positions"] = position_table(labelled)
+        parts["stops"] = stops_table(labelled)
     write_results(rows, Path(out), parts, f"`python opd.py report runs {out} {' '.join(folders)}`")
 
 

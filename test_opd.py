@@ -3,8 +3,10 @@ implementations, stabilizers on hand-built tensors, and real runs of the command
 
     pytest -q            # the whole suite, a couple of minutes on 2 CPU cores
 """
+import contextlib
 import copy
 import functools
+import io
 import json
 import math
 import os
@@ -985,10 +987,10 @@ def test_console_prints_a_line_every_log_every_steps_each_with_its_run(work, cap
 
 def test_wrong_model_path(tmp_path):
     r = cli("--teacher", str(tmp_path / "nope"), "--student", str(tmp_path / "nope"), "--steps", "1", check=False)
-    assert r.returncode != 0 and "does not exist" in r.stderr
+    assert r.returncode != 0 and "does not exist" in r.stderr                  # as a new user types it
     (tmp_path / "empty").mkdir()                                # a folder, but no model in it
-    r = cli("--teacher", str(tmp_path / "empty"), "--student", str(tmp_path / "empty"), "--steps", "1", check=False)
-    assert r.returncode != 0 and "could not load a model" in r.stderr
+    with pytest.raises(SystemExit, match="could not load a model"):
+        opd.load_pretrained(str(tmp_path / "empty"), "cpu")
 
 
 def test_mismatched_tokenizers(tmp_path):
@@ -1003,9 +1005,10 @@ def test_mismatched_tokenizers(tmp_path):
         m = opd.make_model(t, 1, 16)
         m.save_pretrained(tmp_path / name)
         t.save_pretrained(tmp_path / name)
-    r = cli("--teacher", str(tmp_path / "t"), "--student", str(tmp_path / "s"), "--steps", "1", "--out-dir",
-            str(tmp_path / "r"), check=False)
-    assert r.returncode != 0 and "tokenizers differ" in r.stderr
+    cfg = opd.Config(teacher=str(tmp_path / "t"), student=str(tmp_path / "s"), steps=1, out_dir=str(tmp_path / "r"))
+    with pytest.raises(SystemExit, match="tokenizers differ"):
+        opd.load_models_and_data(cfg, torch.device("cpu"))
+    assert not (tmp_path / "r").exists()
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -1015,13 +1018,20 @@ def test_real_pair_through_the_flags(real_pairs, arch, tmp_path):
     text = "bada kelo mi zo ruka"
     assert tok2(text)["input_ids"] == tok(text)["input_ids"] != []     # encodings, not just loading
     assert len(tok2) == 32_000 and tok2.chat_template
-    r = cli("--teacher", str(d / arch / "teacher"), "--student", str(d / arch / "student"), "--prompts",
+    args = ["--teacher", str(d / arch / "teacher"), "--student", str(d / arch / "student"), "--prompts",
             str(d / "prompts.jsonl"), "--methods", "stable-opd", "--seeds", "1", "--steps", "2", "--batch-size", "4",
             "--max-new-tokens", "8", "--eval-every", "1", "--chunk-size", "3", "--workers", "1",
-            "--out-dir", str(tmp_path / "runs"), "--plots-dir", str(tmp_path / "plots"))
+            "--out-dir", str(tmp_path / "runs"), "--plots-dir", str(tmp_path / "plots")]
+    if arch == "llama":                                                 # the command line, as a user types it
+        out = cli(*args).stdout
+    else:                                                               # the same, in-process: faster
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            opd.run_study(*opd.parse_config(args))
+        out = out.getvalue()
     rows = opd.read_metrics(tmp_path / "runs" / "stable-opd-s0" / "metrics.jsonl")
     assert len(rows) == 3 and set(opd.METRIC_KEYS) - {"eval/accuracy"} <= set().union(*rows)
-    assert "chat formats differ" not in r.stdout                        # one tokenizer: one format
+    assert "chat formats differ" not in out                             # one tokenizer: one format
 
 
 def test_real_pair_eos_mismatch(real_pairs, tmp_path):
@@ -1030,9 +1040,9 @@ def test_real_pair_eos_mismatch(real_pairs, tmp_path):
     m = opd.make_model(other, 1, 32, "llama")
     m.save_pretrained(tmp_path / "t")
     other.save_pretrained(tmp_path / "t")
-    r = cli("--teacher", str(tmp_path / "t"), "--student", str(d / "llama" / "student"), "--prompts",
-            str(d / "prompts.jsonl"), "--steps", "1", "--out-dir", str(tmp_path / "r"), check=False)
-    assert r.returncode != 0 and "EOS ids differ" in r.stderr and "length inflation" in r.stderr
+    cfg = _real_cfg(tmp_path, str(d / "llama" / "student"), str(tmp_path / "t"), str(d / "prompts.jsonl"))
+    with pytest.raises(SystemExit, match="EOS ids differ.*length inflation"):
+        opd.load_models_and_data(cfg, torch.device("cpu"))
 
 
 def test_teacher_scores_in_its_own_chat_format(real_pairs, tmp_path, monkeypatch, capsys):
@@ -1450,11 +1460,11 @@ def test_ctrl_c_names_the_resume_command(work, tmp_path):
 
 def test_chunked_loss_peaks_lower_in_memory():
     """loss_peak_memory: the chunked loss (32 positions at a time) needs a fraction of the memory of
-    the unchunked one for a 20,000-token vocabulary, and gives the same loss."""
-    kw = dict(vocab=20_000, batch=2, length=512, hidden=16)
+    the unchunked one for a 30,000-token vocabulary, and gives the same loss."""
+    kw = dict(vocab=30_000, batch=2, length=256, hidden=16)
     whole = opd.loss_peak_memory(**kw, chunk=0)
     chunked = opd.loss_peak_memory(**kw, chunk=32)
-    assert chunked["loss_mb"] < 0.5 * whole["loss_mb"] and whole["loss_mb"] > 100, (whole, chunked)
+    assert chunked["loss_mb"] < 0.6 * whole["loss_mb"] and whole["loss_mb"] > 150, (whole, chunked)
     assert chunked["loss"] == pytest.approx(whole["loss"], rel=1e-5)
 
 

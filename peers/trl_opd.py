@@ -173,8 +173,7 @@ class MetricsLog(TrainerCallback):
         self.write({"step": state.global_step, **self.held_out()})
 
 
-PEERS = ["trl", "trl-stable", "trl-seq-kd", "trl-guard", "opd.py full-vocab", "opd.py stable-opd",
-         "opd.py seq-kd"]                                                  # Fig. 1's order
+HEAD = ["trl", "trl-stable", "trl-seq-kd", "opd.py full-vocab"]          # Fig. 1: TRL's runs, this loop's loss
 
 
 def peer_report(out, folders):
@@ -187,7 +186,7 @@ def peer_report(out, folders):
     rows = [opd.summarize(m, s, r) for m, s, r in results]
     opd.write_results(rows, Path(out), {"runs": opd.runs_table(rows), "summary": opd.summary_table(rows)},
                       f"`python peers/trl_opd.py --report {out} {' '.join(map(str, folders))}`")
-    opd.plot_study(results, Path(out), head=[m for m in PEERS if any(r[0] == m for r in results)])
+    opd.plot_study(results, Path(out), head=[m for m in HEAD if any(r[0] == m for r in results)])
 
 
 def main(argv=None):

@@ -2534,8 +2534,17 @@ def _runs_in(folders):
 
 
 def report_runs(out, *folders):
-    """One table line per run folder, labelled by its path, and the mean over runs per method."""
+    """One table line per run folder, labelled by its path, and the mean over runs per method;
+    with figures when every run has a colour: a method found in one folder keeps its name, and
+    plain OPD found in several is named by its folder (real/mismatch/plain: 'plain')."""
     runs = _runs_in(folders)
+    parents = {}
+    for label, m, _, _ in runs:
+        parents.setdefault(m, set()).add(str(Path(label).parent))
+    names = [m if len(parents[m]) == 1 else Path(label).parent.name for label, m, _, _ in runs]
+    if all(n in METHOD_COLORS for n in names):
+        plot_study([(n, s, r) for n, (_, _, s, r) in zip(names, runs)], Path(out),
+                   head=list(dict.fromkeys(names))[:4])
     rows = [dict(summarize(m, s, r), run=label) for label, m, s, r in runs]
     parts = {"runs": runs_table(rows, label=lambda r: r["run"]), "summary": summary_table(rows)}
     if all(any("pos/adv" in x for x in r) for *_, r in runs):
@@ -2555,20 +2564,25 @@ def report_signals(out, *folders):
     print(table, flush=True)
 
 
-def report_builds(out, *folders, cache_dir=".cache"):
+WEAK_ACCURACY = 0.85     # report_builds: a teacher below this held-out accuracy is weak,
+WEAK_LOOP_EOS = 0.02     # and so is one whose p(EOS) two repeats into a loop is above this
+
+
+def report_builds(out, *folders):
     """One line per independent build of the pair: its teacher and student (from build.json) and
     the runs on it. Each folder holds one build's runs (opd-s0, opd-s1, stable-opd-s0); the build
-    is read from their config.json, and its models from pair/ or --cache-dir."""
+    and the cache it was saved in are read from their config.json (the shipped pair: pair/)."""
     lines, rows = [], []
     for f in map(Path, folders):
         runs = {d.name: read_metrics(d / "metrics.jsonl") for d in sorted(f.glob("*-s*"))
                 if (d / "metrics.jsonl").exists()}
         cfg = json.loads(next(f.glob("*-s*/config.json")).read_text())
-        build = with_settings(Config(), pair_seed=cfg["pair_seed"], cache_dir=cache_dir)
+        build = with_settings(Config(), pair_seed=cfg["pair_seed"])
         info = {}
         for role in ("teacher", "student"):
             shipped = model_key(build, role) == model_key(Config(), role)
-            d = SHIPPED / role if shipped else Path(cache_dir) / f"{role}-{model_key(build, role)}"
+            key = f"{role}-{model_key(build, role)}"
+            d = SHIPPED / role if shipped else Path(cfg["cache_dir"]) / key
             info[role] = json.loads((d / "build.json").read_text())
         t, p = info["teacher"], info["teacher"]["p_eos_by_depth"]
         cells = []
@@ -2586,13 +2600,29 @@ def report_builds(out, *folders, cache_dir=".cache"):
     table = markdown(["build (`--pair-seed`)", "teacher: accuracy, p(EOS) at d = 0, 1, 2",
                       "student accuracy", "plain OPD seed 0: step 0 -> peak, take-off, final: "
                       "verdict", "seed 1", "`stable-opd` seed 0: worst truncation, final"], lines)
+    teachers = [r[1].split(", ") for r in lines]                          # accuracy, d = 0, 1, 2
+    weak = sum(float(a) < WEAK_ACCURACY or float(d2) > WEAK_LOOP_EOS for a, _, _, d2 in teachers)
+    plain = [r for r in rows if r["method"] == "opd"]
+    stable = [r for r in rows if r["method"] == "stable-opd"]
+    peak = {r["pair_seed"]: max(x["acc_peak"] for x in plain if x["pair_seed"] == r["pair_seed"])
+            for r in stable}
+    verdicts = dict.fromkeys(r["verdict"] for r in plain)
+    held_ = (sum(r["trunc_rate_max"] <= 0.1 for r in stable),
+             sum(r["acc_final"] > peak[r["pair_seed"]] for r in stable))
+    rate = markdown(["builds", f"weak teachers (accuracy < {WEAK_ACCURACY}, or p(EOS) two repeats "
+                     f"deep > {WEAK_LOOP_EOS})", "plain OPD runs, by verdict",
+                     "`stable-opd`: truncation at most 0.1; final above the build's plain peak"],
+                    [[len(lines), f"{weak} of {len(lines)}",
+                      "; ".join(f"{v}: {sum(r['verdict'] == v for r in plain)} of {len(plain)}"
+                                for v in verdicts),
+                      f"{held_[0]} of {len(stable)}; {held_[1]} of {len(stable)}"]])
     depths = range(-1, 6)
     shipped = {role: json.loads((SHIPPED / role / "build.json").read_text())["p_eos_by_depth"]
                for role in ("teacher", "student")}
     profile = markdown(["`d`, repeats past the asked count", *[str(d) for d in depths]],
                        [[f"{role} `p(EOS)`", *[f"{p[str(d)]:.3f}" for d in depths]]
                         for role, p in shipped.items()])
-    write_results(rows, Path(out), {"builds": table, "shipped-pair": profile},
+    write_results(rows, Path(out), {"builds": table, "rate": rate, "shipped-pair": profile},
                   f"`python opd.py report builds {out} {' '.join(folders)}`")
 
 
@@ -2605,7 +2635,9 @@ METHOD_COLORS = {"opd": "#d62728", "stable-opd": "#2ca02c", "sft-only": "#1f77b4
                  "full-vocab": "#e6ab02", "seq-kd": "#1b9e77", "prefix-opd": "#7570b3",
                  "iw-opd": "#d95f02", "topk": "#66a61e", "guard-seq-kd": "#e7298a",
                  "trl": "#a50f15", "trl-stable": "#00441b", "trl-seq-kd": "#005a5b",
-                 "trl-guard": "#54278f"}
+                 "trl-guard": "#54278f",
+                 # the real-model study: plain OPD under the format mismatch, and its controls
+                 "plain": "#d62728", "control": "#525252", "context": "#6baed6"}
 PANELS = {"eval/accuracy": ("held-out accuracy, greedy", "exact match"),
           "eval/accuracy_sampled": ("held-out accuracy, sampled", "exact match"),
           "rollout/trunc_rate": ("truncation rate of the rollouts", "share of rollouts"),

@@ -838,6 +838,11 @@ def opd_loss(logp_student, logp_teacher, tokens, eos_id: int, s: LossSettings = 
     > 0. max_len: the length budget (overlong penalty, seq-mean-token-sum-norm).
     Returns (loss, parts), parts holding each term before its coefficient.
     """
+    needed = {"kl": (s.objective != "sampled", kl), "kl_ref": (s.ref_kl > 0, kl_ref),
+              "sft": (s.sft_coef > 0, sft), "seq_kd": (s.seq_kd_coef > 0, seq_kd)}
+    missing = [name for name, (on, given) in needed.items() if on and given is None]
+    if missing:                                   # a term switched on but not given: never a 0
+        raise ValueError(f"these loss settings need {', '.join(missing)}: pass it to opd_loss")
     mask, lengths, truncated = response_mask(tokens, eos_id)                 # (B, T), (B,), (B,)
     if s.objective == "sampled":
         raw = sampled_token_advantage(logp_teacher, logp_student)            # (B, T)
@@ -863,8 +868,6 @@ def opd_loss(logp_student, logp_teacher, tokens, eos_id: int, s: LossSettings = 
         loss = loss + s.ref_kl * parts["ref_kl"]
     for name, coef, term in (("sft", s.sft_coef, sft), ("seq_kd", s.seq_kd_coef, seq_kd)):
         if coef > 0:                                             # SFT on gold or teacher samples
-            if term is None:
-                raise ValueError(f"{name}_coef > 0 needs the {name} NLL: pass {name}=...")
             parts[name] = term
             loss = loss + coef * term
     return loss, parts
@@ -2829,6 +2832,7 @@ def plot_ranking(rows, out: Path):
     seed; reference lines at step 0 and at plain OPD's mean peak; gold-free methods in open
     circles."""
     plt = _plt()
+    out.mkdir(parents=True, exist_ok=True)
     methods = list(dict.fromkeys(r["method"] for r in rows))
     finals = {m: [r["acc_final"] for r in rows if r["method"] == m] for m in methods}
     methods.sort(key=lambda m: min(finals[m]))                   # best at the top

@@ -726,9 +726,11 @@ def test_opd_loss_objectives_take_their_terms(tokens, seed):
     for objective in ("full", "topk"):
         loss, _ = opd.opd_loss(lp, lp, tokens, 2, opd.LossSettings(objective=objective), kl=kl)
         assert float(loss) == pytest.approx(float((kl * mask).sum() / mask.sum()), rel=1e-9)
-    for name in ("sft", "seq_kd"):
-        with pytest.raises(ValueError, match=f"{name}_coef > 0 needs"):
-            opd.opd_loss(lp, lp, tokens, 2, opd.LossSettings(**{f"{name}_coef": 1.0}))
+    for setting, term in (("sft_coef", "sft"), ("seq_kd_coef", "seq_kd"), ("ref_kl", "kl_ref")):
+        with pytest.raises(ValueError, match=f"need {term}:"):
+            opd.opd_loss(lp, lp, tokens, 2, opd.LossSettings(**{setting: 1.0}))
+    with pytest.raises(ValueError, match="need kl:"):
+        opd.opd_loss(lp, lp, tokens, 2, opd.LossSettings(objective="full"))
 
 
 def test_guard_restores_the_last_quiet_copy_and_switches_the_fix_on():

@@ -2190,11 +2190,11 @@ def markdown(header, lines) -> str:
                       *["| " + " | ".join(str(c) for c in line) + " |" for line in lines]])
 
 
-def summary_table(rows) -> str:
-    """Mean ± standard deviation over seeds of each method's figures."""
+def summary_table(rows, group=lambda r: r["method"]) -> str:
+    """Mean ± standard deviation over seeds of each method's (or each `group`'s) figures."""
     lines = []
-    for m in dict.fromkeys(r["method"] for r in rows):
-        rs = [r for r in rows if r["method"] == m]
+    for m in dict.fromkeys(map(group, rows)):
+        rs = [r for r in rows if group(r) == m]
         lines.append([m, len(rs), *[f"{sum(r[c] for r in rs) / len(rs):.2f} ± "
                                      f"{_std([r[c] for r in rs]):.2f}" for c in TABLE_COLS]])
     return markdown(["method", "seeds", *TABLE_COLS], lines)
@@ -2549,7 +2549,8 @@ def report_runs(out, *folders):
         plot_study([(n, s, r) for n, (_, _, s, r) in zip(names, runs)], Path(out),
                    head=list(dict.fromkeys(names))[:4])
     rows = [dict(summarize(m, s, r), run=label) for label, m, s, r in runs]
-    parts = {"runs": runs_table(rows, label=lambda r: r["run"]), "summary": summary_table(rows)}
+    parts = {"runs": runs_table(rows, label=lambda r: r["run"]),
+             "summary": summary_table(rows, group=lambda r: r["run"].rsplit("-s", 1)[0])}
     if all(any("pos/adv" in x for x in r) for *_, r in runs):
         labelled = [(label.rsplit("-s", 1)[0], s, r) for label, _, s, r in runs]
         parts["positions"] = position_table(labelled)

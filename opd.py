@@ -2327,6 +2327,29 @@ def divergence_table(results, methods=("drop-trunc", "overlong")) -> str:
                      "first truncated rollout", "take-off", "plain OPD's take-off"], lines)
 
 
+def evals_table(runs) -> str:
+    """Short runs, one line each: the held-out accuracy (greedy, then sampled) and greedy length
+    at every evaluation, and the training rollouts' mean length and truncation over the first 5
+    steps and the last 10."""
+    lines = []
+    for label, _, _, rows in runs:
+        ev = [r for r in rows if "eval/accuracy" in r]
+        tr = [r for r in rows if "rollout/trunc_rate" in r]
+
+        def change(key, digits):
+            first, last = _mean([r[key] for r in tr[:5]]), _mean([r[key] for r in tr[-10:]])
+            return f"{first:.{digits}f} -> {last:.{digits}f}"
+        lines.append([label, ", ".join(str(r["step"]) for r in ev),
+                      ", ".join(f"{r['eval/accuracy']:.2f}" for r in ev),
+                      ", ".join(f"{r['eval/accuracy_sampled']:.2f}" for r in ev),
+                      ", ".join(f"{r['eval/len_mean']:.0f}" for r in ev),
+                      change("rollout/len_mean", 1), change("rollout/trunc_rate", 2)])
+    return markdown(["run", "evaluated at steps", "held-out accuracy, greedy",
+                     "held-out accuracy, sampled", "held-out greedy length",
+                     "rollout length, first 5 steps -> last 10",
+                     "truncation, first 5 steps -> last 10"], lines)
+
+
 def stops_table(results, lo: int = 0, hi: int = 10) -> str:
     """Per method, the mean over its runs and the training steps lo <= step < hi of the
     rollouts' length and truncation, the EOS probabilities where they stopped, and the
@@ -2551,6 +2574,8 @@ def report_runs(out, *folders):
     rows = [dict(summarize(m, s, r), run=label) for label, m, s, r in runs]
     parts = {"runs": runs_table(rows, label=lambda r: r["run"]),
              "summary": summary_table(rows, group=lambda r: r["run"].rsplit("-s", 1)[0])}
+    if max(sum("eval/accuracy" in x for x in r) for *_, r in runs) <= 6:      # short runs
+        parts["evals"] = evals_table(runs)
     if all(any("pos/adv" in x for x in r) for *_, r in runs):
         labelled = [(label.rsplit("-s", 1)[0], s, r) for label, _, s, r in runs]
         parts["positions"] = position_table(labelled)

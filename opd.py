@@ -2578,8 +2578,11 @@ def report_runs(out, *folders):
         parts["evals"] = evals_table(runs)
     if all(any("pos/adv" in x for x in r) for *_, r in runs):
         labelled = [(label.rsplit("-s", 1)[0], s, r) for label, _, s, r in runs]
-        parts["positions"] = position_table(labelled)
+        last = min(max(x["step"] for x in r if "rollout/trunc_rate" in x) for *_, r in runs)
+        parts["positions"] = position_table(labelled)                     # the first 10 steps
+        parts["positions-late"] = position_table(labelled, last - 9, last + 1)
         parts["stops"] = stops_table(labelled)
+        parts["stops-late"] = stops_table(labelled, last - 9, last + 1)
     write_results(rows, Path(out), parts, f"`python opd.py report runs {out} {' '.join(folders)}`")
 
 

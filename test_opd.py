@@ -861,14 +861,6 @@ def test_rollout_metrics_on_hand_made_values():
     assert m["eos/teacher_lower_frac"] == 1.0 and "kl/ref" not in m
 
 
-def test_cli_writes_every_documented_key(work):
-    rows = rows_of(work / "runs", "opd-s0")
-    keys = set().union(*rows)
-    assert set(opd.METRIC_KEYS) <= keys, set(opd.METRIC_KEYS) - keys
-    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
-    assert (work / "plots" / "results.csv").exists() and (work / "plots" / "fig1_accuracy_length.png").exists()
-
-
 def test_same_seed_same_metrics(work):
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
     a = opd.run_opd(_tiny_cfg(work, run_name="a"))
@@ -957,24 +949,6 @@ def test_chunked_run_equals_unchunked(work):
     assert strip(a) == strip(b)
 
 
-def test_nan_loss_stops_cleanly_and_keeps_metrics(work, monkeypatch):
-    cfg = _tiny_cfg(work, run_name="nan")
-    opd.run_opd(cfg)                                            # a first, good run of the same name
-    good = (work / "inproc" / "nan" / "metrics.jsonl").read_text()
-    calls = {"n": 0}
-    real = opd.sampled_token_loss
-
-    def poisoned(adv, lp):
-        calls["n"] += 1
-        return real(adv, lp) * (float("nan") if calls["n"] == 3 else 1.0)
-
-    monkeypatch.setattr(opd, "sampled_token_loss", poisoned)
-    with pytest.raises(FloatingPointError, match="non-finite loss at step 2"):
-        opd.run_opd(cfg)
-    rows = opd.read_metrics(work / "inproc" / "nan" / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [0, 1]                  # every completed step, intact JSON
-    assert (work / "inproc" / "nan" / "metrics.prev.jsonl").read_text() == good   # the earlier run kept
-
 def test_console_prints_a_line_every_log_every_steps_each_with_its_run(work, capsys):
     """--log-every 2 on 4 steps: lines at steps 0 and 2 and the last, plus the evaluations and the
     final one, every line of the run prefixed with its name."""
@@ -986,65 +960,6 @@ def test_console_prints_a_line_every_log_every_steps_each_with_its_run(work, cap
 
 
 # ----------------------------------------------------------------------------- 7. Real models
-
-def test_wrong_model_path(tmp_path):
-    r = cli("--teacher", str(tmp_path / "nope"), "--student", str(tmp_path / "nope"), "--steps", "1", check=False)
-    assert r.returncode != 0 and "does not exist" in r.stderr                  # as a new user types it
-    (tmp_path / "empty").mkdir()                                # a folder, but no model in it
-    with pytest.raises(SystemExit, match="could not load a model"):
-        opd.load_pretrained(str(tmp_path / "empty"), "cpu")
-
-
-def test_mismatched_tokenizers(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    words = ["<pad>", "<bos>", "<eos>", "<unk>", "zz"]
-    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    other = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                    unk_token="<unk>")
-    for name, t in (("s", opd.build_tokenizer()), ("t", other)):
-        m = opd.make_model(t, 1, 16)
-        m.save_pretrained(tmp_path / name)
-        t.save_pretrained(tmp_path / name)
-    cfg = opd.Config(teacher=str(tmp_path / "t"), student=str(tmp_path / "s"), steps=1, out_dir=str(tmp_path / "r"))
-    with pytest.raises(SystemExit, match="tokenizers differ"):
-        opd.load_models_and_data(cfg, torch.device("cpu"))
-    assert not (tmp_path / "r").exists()
-
-
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_real_pair_through_the_flags(real_pairs, arch, tmp_path):
-    d, tok = real_pairs
-    tok2, _ = opd.load_pretrained(str(d / arch / "student"), "cpu")
-    text = "bada kelo mi zo ruka"
-    assert tok2(text)["input_ids"] == tok(text)["input_ids"] != []     # encodings, not just loading
-    assert len(tok2) == 32_000 and tok2.chat_template
-    args = ["--teacher", str(d / arch / "teacher"), "--student", str(d / arch / "student"), "--prompts",
-            str(d / "prompts.jsonl"), "--methods", "stable-opd", "--seeds", "1", "--steps", "2", "--batch-size", "4",
-            "--max-new-tokens", "8", "--eval-every", "1", "--chunk-size", "3", "--workers", "1",
-            "--out-dir", str(tmp_path / "runs"), "--plots-dir", str(tmp_path / "plots")]
-    if arch == "llama":                                                 # the command line, as a user types it
-        out = cli(*args).stdout
-    else:                                                               # the same, in-process: faster
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            opd.run_study(*opd.parse_config(args))
-        out = out.getvalue()
-    rows = opd.read_metrics(tmp_path / "runs" / "stable-opd-s0" / "metrics.jsonl")
-    assert len(rows) == 3 and set(opd.METRIC_KEYS) - {"eval/accuracy"} <= set().union(*rows)
-    assert "chat formats differ" not in out                             # one tokenizer: one format
-
-
-def test_real_pair_eos_mismatch(real_pairs, tmp_path):
-    d, _ = real_pairs
-    other = bpe_tokenizer(eos="<|endoftext|>")
-    m = opd.make_model(other, 1, 32, "llama")
-    m.save_pretrained(tmp_path / "t")
-    other.save_pretrained(tmp_path / "t")
-    cfg = _real_cfg(tmp_path, str(d / "llama" / "student"), str(tmp_path / "t"), str(d / "prompts.jsonl"))
-    with pytest.raises(SystemExit, match="EOS ids differ.*length inflation"):
-        opd.load_models_and_data(cfg, torch.device("cpu"))
 
 
 def test_teacher_scores_in_its_own_chat_format(real_pairs, tmp_path, monkeypatch, capsys):
@@ -1104,38 +1019,6 @@ def test_teacher_context_is_read_by_the_teacher_alone(real_pairs, tmp_path, monk
     assert len(scores) == 12
 
 
-def test_teacher_context_file_errors(real_pairs, work, tmp_path):
-    d, _ = real_pairs
-    files = {"missing.json": None, "bad.json": "[{oops", "notlist.json": '{"role": "user", "content": "a"}',
-             "role.json": '[{"role": "robot", "content": "a"}]', "empty.json": "[]"}
-    for name, text in files.items():
-        if text is not None:
-            (tmp_path / name).write_text(text)
-        cfg = _real_cfg(tmp_path, str(d / "llama" / "student"), str(d / "llama" / "teacher"), str(d / "prompts.jsonl"),
-                        teacher_context=str(tmp_path / name))
-        with pytest.raises(SystemExit) as e:
-            opd.load_models_and_data(cfg, torch.device("cpu"))
-        msg = str(e.value)
-        assert msg.startswith("error: ") and msg.count("\n") == 0 and name in msg, msg
-    (tmp_path / "ok.json").write_text('[{"role": "user", "content": "a"}]')
-    with pytest.raises(SystemExit, match="needs a teacher that reads a chat template"):   # the word-level toy pair
-        opd.load_models_and_data(_tiny_cfg(work, teacher_context=str(tmp_path / "ok.json")), torch.device("cpu"))
-
-
-def test_prompt_file_errors(work, tmp_path):
-    (tmp_path / "empty.jsonl").write_text("\n")
-    (tmp_path / "bad.jsonl").write_text('{"prompt": "a b x 2 ="}\n{oops\n')
-    (tmp_path / "noprompt.jsonl").write_text('{"question": "a"}\n')
-    for name, msg in [("empty", "holds no prompts"), ("bad", "bad.jsonl:2 is not valid JSON"),
-                      ("noprompt", 'no string "prompt"'), ("missing", "does not exist")]:
-        with pytest.raises(SystemExit, match=re.escape(msg)):
-            opd.read_prompts(str(tmp_path / f"{name}.jsonl"))
-    r = cli(*TINY, "--prompts", str(tmp_path / "bad.jsonl"), "--cache-dir", str(work / "cache"),   # and on the command line
-            "--out-dir", str(tmp_path / "r"), "--plots-dir", str(tmp_path / "p"), check=False)
-    assert r.returncode != 0 and "bad.jsonl:2 is not valid JSON" in r.stderr, r.stderr[-500:]
-    assert not (tmp_path / "r").exists()                                  # nothing ran
-
-
 def test_accept_grader_and_held_out_split(tmp_path):
     tok = opd.build_tokenizer()
     ids = lambda text, stop=True: tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] * stop
@@ -1153,13 +1036,6 @@ def test_accept_grader_and_held_out_split(tmp_path):
         (tmp_path / "bad.jsonl").write_text(json.dumps(bad) + "\n")
         with pytest.raises(SystemExit, match=msg):
             opd.read_prompts(str(tmp_path / "bad.jsonl"))
-
-
-def test_sft_coef_without_any_answer_is_refused(work, tmp_path):
-    (tmp_path / "noanswer.jsonl").write_text("".join(f'{{"prompt": "a b x {k} ="}}\n' for k in range(1, 6)) * 4)
-    cfg = _tiny_cfg(work, method="stable-opd", prompts=str(tmp_path / "noanswer.jsonl"))
-    with pytest.raises(SystemExit, match="--sft-coef needs reference answers"):
-        opd.load_models_and_data(cfg, torch.device("cpu"))
 
 
 def test_plurals_script_files_and_check(real_pairs, tmp_path, capsys):
@@ -1304,29 +1180,6 @@ def test_gguf_round_trip(tmp_path):
         torch.testing.assert_close(again.eval()(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
 
 
-def test_gguf_through_the_flags_and_save_student(tmp_path):
-    """A .gguf file as --teacher and --student (the same file), --save-student writes a model
-    that loads back; without the gguf package the error is one line that says what to install."""
-    pytest.importorskip("gguf", reason="optional: pip install -r requirements-test.txt")
-    tok = bpe_tokenizer(vocab=2_000)
-    torch.manual_seed(0)
-    write_gguf(opd.make_model(tok, 1, 32), tok, tmp_path / "m.gguf")
-    (tmp_path / "prompts.jsonl").write_text('{"prompt": "bada kelo mi", "answer": "sute"}\n' * 16)
-    args = ["--teacher", str(tmp_path / "m.gguf"), "--student", str(tmp_path / "m.gguf"), "--prompts",
-            str(tmp_path / "prompts.jsonl"), "--methods", "opd", "--seeds", "1", "--steps", "1", "--batch-size", "2",
-            "--max-new-tokens", "4", "--eval-every", "1", "--workers", "1", "--out-dir", str(tmp_path / "runs"),
-            "--plots-dir", str(tmp_path / "plots")]
-    cli(*args, "--save-student")
-    _, saved = opd.load_pretrained(str(tmp_path / "runs" / "opd-s0" / "student"), "cpu")
-    assert saved.config.num_hidden_layers == 1
-    (tmp_path / "hide").mkdir()
-    (tmp_path / "hide" / "gguf.py").write_text("raise ImportError('hidden for the test')\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "hide"), str(HERE)]))
-    r = subprocess.run([sys.executable, str(HERE / "opd.py"), *args], capture_output=True, text=True, env=env)
-    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0, r.stderr[-2000:]
-    assert "is a GGUF file" in r.stderr and opd.GGUF_INSTALL in r.stderr
-
-
 # ----------------------------------------------------------------------------- 8. Building the pair
 
 def test_cache_reused_and_rebuilt_on_change(work, capsys):
@@ -1347,22 +1200,6 @@ def test_shipped_pair_matches_its_recorded_checksums():
     assert set(listed) == files and {"teacher/model.safetensors", "student/build.json"} <= files
     for name, digest in listed.items():
         assert hashlib.sha256((d / name).read_bytes()).hexdigest() == digest, name
-
-def test_a_damaged_shipped_file_stops_with_one_line(tmp_path, monkeypatch, capsys):
-    """A truncated pair/teacher/model.safetensors: one line naming the file and how to restore it,
-    exit code 2, before any loader runs."""
-    import shutil
-    shutil.copytree(HERE / "pair", tmp_path / "pair")
-    f = tmp_path / "pair" / "teacher" / "model.safetensors"
-    f.write_bytes(f.read_bytes()[:1000])
-    monkeypatch.setattr(opd, "SHIPPED", tmp_path / "pair")
-    with pytest.raises(SystemExit) as e:
-        opd.pair_folders(opd.Config())
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1, err
-    assert str(f) in err and "git checkout pair/" in err
-    monkeypatch.setattr(opd, "SHIPPED", HERE / "pair")
-    opd.check_shipped()                                              # the committed pair passes
 
 
 def test_default_settings_load_the_shipped_pair_and_its_recorded_accuracy():
@@ -1435,31 +1272,6 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert torch.load(path, weights_only=False)["step"] == 5
 
 
-def test_ctrl_c_names_the_resume_command(work, tmp_path):
-    """SIGINT during a study: the message gives the command that continues it, and that command
-    finishes the run from its checkpoint."""
-    import shlex
-    import signal
-    args = [*TINY, "--methods", "opd", "--seeds", "1", "--steps", "30", "--eval-every", "15", "--save-every", "2", "--cache-dir",
-            str(work / "cache"), "--out-dir", str(tmp_path / "runs"), "--plots-dir", str(tmp_path / "plots")]
-    p = subprocess.Popen([sys.executable, str(HERE / "opd.py"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, cwd=HERE, env=dict(os.environ, PYTHONPATH=str(HERE)))
-    for line in p.stdout:
-        if "step    3" in line:
-            break
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=120)
-    assert p.returncode == 1 and "Traceback" not in err, err
-    cmd = shlex.split(err.strip().splitlines()[-1])
-    assert cmd[-1] == "--resume" and cmd[2:-1] == args, err
-    done = [r["step"] for r in opd.read_metrics(tmp_path / "runs" / "opd-s0" / "metrics.jsonl")]
-    assert 4 <= len(done) < 31                                        # stopped mid-run
-    cfg, given = opd.parse_config(cmd[2:])                            # the printed command, run in-process
-    rows = opd.run_opd(opd.config_for(cfg, "opd", cfg.seed, given), "opd")
-    assert [r["step"] for r in rows] == list(range(31)) and cfg.resume
-    assert opd.read_metrics(tmp_path / "runs" / "opd-s0" / "metrics.jsonl")[:len(done) - 2] == \
-        opd.read_metrics(tmp_path / "runs" / "opd-s0" / "metrics.prev.jsonl")[:len(done) - 2]   # earlier steps kept as logged
-
 def test_chunked_loss_peaks_lower_in_memory():
     """loss_peak_memory: the chunked loss (32 positions at a time) needs a fraction of the memory of
     the unchunked one for a 30,000-token vocabulary, and gives the same loss."""
@@ -1472,58 +1284,6 @@ def test_chunked_loss_peaks_lower_in_memory():
 
 # ----------------------------------------------------------------------------- 10. Study
 
-BAD_VALUES = {
-    "methods": "opd,nope", "seeds": "0", "seed": "-1", "pair_seed": "-1", "device": "gpu", "workers": "-1", "teacher_layers": "0",
-    "teacher_width": "30", "teacher_steps": "0", "teacher_free_frac": "1.5", "teacher_overrun_frac": "0.6", "gold_size": "-1", "opd_coef": "-1", "student_layers": "0", "student_width": "0",
-    "student_steps": "-3", "student_free_frac": "-0.1", "pretrain_lr": "0", "steps": "0", "batch_size": "0", "lr": "-1",
-    "temperature": "0", "max_new_tokens": "0", "objective": "kl", "loss_agg": "sum", "warmup": "-1", "decay": "-1", "grad_clip": "0",
-    "chunk_size": "-8", "length_groups": "0", "ref_kl": "-0.1", "sft_coef": "nan", "trunc_weight": "2",
-    "overlong_buffer": "49", "adv_regulation": "tanh", "adv_clip": "0", "rep_penalty": "0", "rep_window": "0",
-    "rep_tau": "-1", "alert_max_len": "-1", "alert_trunc": "1.2", "alert_rep": "-0.5", "alert_growth": "0",
-    "alert_patience": "0", "eval_every": "0", "eval_size": "0", "log_samples_every": "-1", "threads": "0", "save_every": "-1",
-    "teacher": "some/path", "student": "some/path",             # each without the other
-    "top_k": "0", "seq_kd_coef": "-1", "seq_kd_samples": "129", "seq_kd_temperature": "0", "prefix_len": "49",
-    "iw_gamma": "-0.5", "teacher_format": "chat", "log_every": "0", "guard_fix": "stable",
-}
-
-
-def test_every_numeric_or_choice_flag_has_a_bad_value():
-    numeric = {f.name for f in opd.flag_fields() if f.type in ("int", "float")}
-    choice = {"methods", "device", "objective", "loss_agg", "adv_regulation", "teacher_format", "guard_fix"}
-    assert numeric | choice <= set(BAD_VALUES), sorted(numeric | choice - set(BAD_VALUES))
-
-
-@pytest.mark.parametrize("name", sorted(BAD_VALUES))
-def test_bad_flag_value_one_line_exit_2(name, capsys):
-    flag, value = "--" + name.replace("_", "-"), BAD_VALUES[name]
-    with pytest.raises(SystemExit) as e:
-        opd.parse_config([flag, value])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1, err
-    typ = {"int": int, "float": float, "str": str}[{f.name: f.type for f in opd.flag_fields()}[name]]
-    assert err.startswith(f"error: {flag} must be ") and err.rstrip().endswith(f"(got {typ(value)!r})"), err
-
-
-def test_bad_flag_through_the_command_line(tmp_path):
-    """As a new user types it: no traceback, one line on stderr, exit code 2, nothing built."""
-    r = cli("--temperature", "0", "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "r"), check=False)
-    assert r.returncode == 2 and r.stderr == "error: --temperature must be > 0 (sampling divides the logits by it) (got 0.0)\n"
-    assert not r.stdout and not (tmp_path / "cache").exists() and not (tmp_path / "r").exists()
-
-
-def test_unparsable_flag_value_one_line_exit_2(capsys):
-    with pytest.raises(SystemExit) as e:
-        opd.parse_config(["--lr", "abc"])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: argument --lr: invalid float value: 'abc'")
-
-
-def test_preset_combined_with_flags_is_validated(capsys):
-    base, _ = opd.parse_config(["--max-new-tokens", "8"])             # valid alone
-    with pytest.raises(SystemExit) as e:
-        opd.config_for(base, "overlong", 0)                           # the preset's buffer of 12 exceeds the budget of 8
-    assert e.value.code == 2 and "--overlong-buffer must be between 0 and --max-new-tokens (8) (got 12)" in capsys.readouterr().err
-
 
 def test_flag_given_at_its_default_wins_over_the_preset():
     """--methods sft-only --opd-coef 1.0: the flag was given, so it wins, although 1.0 is its default."""
@@ -1532,16 +1292,6 @@ def test_flag_given_at_its_default_wins_over_the_preset():
     assert (cfg.loss.opd_coef, cfg.loss.sft_coef) == (1.0, opd.STABLE_OPD["sft_coef"])
     base, given = opd.parse_config(["--methods", "sft-only"])
     assert opd.config_for(base, "sft-only", 0, given).loss.opd_coef == 0.0        # not given: the preset's
-
-
-def test_run_name_shared_by_several_runs_is_refused(capsys):
-    for argv in (["--methods", "opd,stable-opd", "--seeds", "1"], ["--methods", "opd", "--seeds", "2"]):
-        with pytest.raises(SystemExit) as e:
-            opd.parse_config([*argv, "--run-name", "x"])
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: --run-name must be empty"), err
-    cfg, _ = opd.parse_config(["--methods", "opd", "--seeds", "1", "--run-name", "x"])   # one run: fine
-    assert cfg.run_name == "x"
 
 
 def test_study_workers_default_to_cores_capped_by_runs(monkeypatch):
@@ -1567,17 +1317,6 @@ def test_study_plots_dir_keeps_committed_figures():
     assert opd.study_plots_dir(opd.Config(methods="all", lr=1e-3)) == Path("runs") / "plots"
     assert opd.study_plots_dir(opd.with_settings(opd.Config(), ref_kl=0.1)) == Path("runs") / "plots"
 
-
-def test_replot_redraws_from_the_run_folders(work, tmp_path):
-    """--replot trains nothing and writes the same table as the run that made the folders."""
-    r = cli(*TINY, "--methods", "opd", "--seeds", "1", "--cache-dir", str(work / "cache"), "--out-dir", str(work / "runs"),
-            "--plots-dir", str(tmp_path / "again"), "--replot")
-    assert "[build]" not in r.stdout and "step    0" not in r.stdout
-    assert (tmp_path / "again" / "results.csv").read_text() == (work / "plots" / "results.csv").read_text()
-    assert {p.name for p in (work / "plots").glob("*.png")} == {p.name for p in (tmp_path / "again").glob("*.png")}
-    r = cli(*TINY, "--methods", "opd", "--seeds", "2", "--out-dir", str(work / "runs"), "--plots-dir", str(tmp_path / "x"),
-            "--replot", check=False)
-    assert r.returncode != 0 and "no run at" in r.stderr and "opd-s1" in r.stderr
 
 def _rows(acc, trunc, every=20):
     """metrics.jsonl rows: a training row per step with its truncation rate, and the held-out
@@ -1611,7 +1350,6 @@ def test_shape_on_hand_made_runs():
     assert opd.shape(_rows([0.5, 0.7, 0.8, 0.8, 0.8, 0.8], [0.0] * 80))["verdict"] == "learned, no collapse"
     guarded = [0.0] * 45 + [0.2] * 5 + [0.0] * 30                          # loops at 45-49, then healed
     assert opd.shape(_rows([0.5, 0.7, 0.6, 0.8, 0.85, 0.85], guarded))["verdict"] == "learned, no collapse"
-
 
 
 def test_ranking_sorts_by_the_worst_seed_and_counts_what_held():
@@ -1667,6 +1405,277 @@ def test_signal_table_scores_lead_and_false_alarms(tmp_path):
     row = next(l for l in opd.signal_table(tmp_path).splitlines() if l.startswith("| repetition rate"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2:] == ["19, 19, 19", "0 of 3 quiet", "19", "1 of 1 quiet"], cells
+
+
+# ----------------------------------------------------------------------------- end to end: the command line, as a user types it
+
+def test_cli_writes_every_documented_key(work):
+    rows = rows_of(work / "runs", "opd-s0")
+    keys = set().union(*rows)
+    assert set(opd.METRIC_KEYS) <= keys, set(opd.METRIC_KEYS) - keys
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    assert (work / "plots" / "results.csv").exists() and (work / "plots" / "fig1_accuracy_length.png").exists()
+
+
+def test_replot_redraws_from_the_run_folders(work, tmp_path):
+    """--replot trains nothing and writes the same table as the run that made the folders."""
+    r = cli(*TINY, "--methods", "opd", "--seeds", "1", "--cache-dir", str(work / "cache"), "--out-dir", str(work / "runs"),
+            "--plots-dir", str(tmp_path / "again"), "--replot")
+    assert "[build]" not in r.stdout and "step    0" not in r.stdout
+    assert (tmp_path / "again" / "results.csv").read_text() == (work / "plots" / "results.csv").read_text()
+    assert {p.name for p in (work / "plots").glob("*.png")} == {p.name for p in (tmp_path / "again").glob("*.png")}
+    r = cli(*TINY, "--methods", "opd", "--seeds", "2", "--out-dir", str(work / "runs"), "--plots-dir", str(tmp_path / "x"),
+            "--replot", check=False)
+    assert r.returncode != 0 and "no run at" in r.stderr and "opd-s1" in r.stderr
+
+
+def test_ctrl_c_names_the_resume_command(work, tmp_path):
+    """SIGINT during a study: the message gives the command that continues it, and that command
+    finishes the run from its checkpoint."""
+    import shlex
+    import signal
+    args = [*TINY, "--methods", "opd", "--seeds", "1", "--steps", "30", "--eval-every", "15", "--save-every", "2", "--cache-dir",
+            str(work / "cache"), "--out-dir", str(tmp_path / "runs"), "--plots-dir", str(tmp_path / "plots")]
+    p = subprocess.Popen([sys.executable, str(HERE / "opd.py"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, cwd=HERE, env=dict(os.environ, PYTHONPATH=str(HERE)))
+    for line in p.stdout:
+        if "step    3" in line:
+            break
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 1 and "Traceback" not in err, err
+    cmd = shlex.split(err.strip().splitlines()[-1])
+    assert cmd[-1] == "--resume" and cmd[2:-1] == args, err
+    done = [r["step"] for r in opd.read_metrics(tmp_path / "runs" / "opd-s0" / "metrics.jsonl")]
+    assert 4 <= len(done) < 31                                        # stopped mid-run
+    cfg, given = opd.parse_config(cmd[2:])                            # the printed command, run in-process
+    rows = opd.run_opd(opd.config_for(cfg, "opd", cfg.seed, given), "opd")
+    assert [r["step"] for r in rows] == list(range(31)) and cfg.resume
+    assert opd.read_metrics(tmp_path / "runs" / "opd-s0" / "metrics.jsonl")[:len(done) - 2] == \
+        opd.read_metrics(tmp_path / "runs" / "opd-s0" / "metrics.prev.jsonl")[:len(done) - 2]   # earlier steps kept as logged
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_real_pair_through_the_flags(real_pairs, arch, tmp_path):
+    d, tok = real_pairs
+    tok2, _ = opd.load_pretrained(str(d / arch / "student"), "cpu")
+    text = "bada kelo mi zo ruka"
+    assert tok2(text)["input_ids"] == tok(text)["input_ids"] != []     # encodings, not just loading
+    assert len(tok2) == 32_000 and tok2.chat_template
+    args = ["--teacher", str(d / arch / "teacher"), "--student", str(d / arch / "student"), "--prompts",
+            str(d / "prompts.jsonl"), "--methods", "stable-opd", "--seeds", "1", "--steps", "2", "--batch-size", "4",
+            "--max-new-tokens", "8", "--eval-every", "1", "--chunk-size", "3", "--workers", "1",
+            "--out-dir", str(tmp_path / "runs"), "--plots-dir", str(tmp_path / "plots")]
+    if arch == "llama":                                                 # the command line, as a user types it
+        out = cli(*args).stdout
+    else:                                                               # the same, in-process: faster
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            opd.run_study(*opd.parse_config(args))
+        out = out.getvalue()
+    rows = opd.read_metrics(tmp_path / "runs" / "stable-opd-s0" / "metrics.jsonl")
+    assert len(rows) == 3 and set(opd.METRIC_KEYS) - {"eval/accuracy"} <= set().union(*rows)
+    assert "chat formats differ" not in out                             # one tokenizer: one format
+
+
+def test_gguf_through_the_flags_and_save_student(tmp_path):
+    """A .gguf file as --teacher and --student (the same file), --save-student writes a model
+    that loads back; without the gguf package the error is one line that says what to install."""
+    pytest.importorskip("gguf", reason="optional: pip install -r requirements-test.txt")
+    tok = bpe_tokenizer(vocab=2_000)
+    torch.manual_seed(0)
+    write_gguf(opd.make_model(tok, 1, 32), tok, tmp_path / "m.gguf")
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "bada kelo mi", "answer": "sute"}\n' * 16)
+    args = ["--teacher", str(tmp_path / "m.gguf"), "--student", str(tmp_path / "m.gguf"), "--prompts",
+            str(tmp_path / "prompts.jsonl"), "--methods", "opd", "--seeds", "1", "--steps", "1", "--batch-size", "2",
+            "--max-new-tokens", "4", "--eval-every", "1", "--workers", "1", "--out-dir", str(tmp_path / "runs"),
+            "--plots-dir", str(tmp_path / "plots")]
+    cli(*args, "--save-student")
+    _, saved = opd.load_pretrained(str(tmp_path / "runs" / "opd-s0" / "student"), "cpu")
+    assert saved.config.num_hidden_layers == 1
+    (tmp_path / "hide").mkdir()
+    (tmp_path / "hide" / "gguf.py").write_text("raise ImportError('hidden for the test')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "hide"), str(HERE)]))
+    r = subprocess.run([sys.executable, str(HERE / "opd.py"), *args], capture_output=True, text=True, env=env)
+    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0, r.stderr[-2000:]
+    assert "is a GGUF file" in r.stderr and opd.GGUF_INSTALL in r.stderr
+
+
+# ----------------------------------------------------------------------------- bad input: one clear line, nothing lost
+
+def test_wrong_model_path(tmp_path):
+    r = cli("--teacher", str(tmp_path / "nope"), "--student", str(tmp_path / "nope"), "--steps", "1", check=False)
+    assert r.returncode != 0 and "does not exist" in r.stderr                  # as a new user types it
+    (tmp_path / "empty").mkdir()                                # a folder, but no model in it
+    with pytest.raises(SystemExit, match="could not load a model"):
+        opd.load_pretrained(str(tmp_path / "empty"), "cpu")
+
+
+def test_mismatched_tokenizers(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = ["<pad>", "<bos>", "<eos>", "<unk>", "zz"]
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    other = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                    unk_token="<unk>")
+    for name, t in (("s", opd.build_tokenizer()), ("t", other)):
+        m = opd.make_model(t, 1, 16)
+        m.save_pretrained(tmp_path / name)
+        t.save_pretrained(tmp_path / name)
+    cfg = opd.Config(teacher=str(tmp_path / "t"), student=str(tmp_path / "s"), steps=1, out_dir=str(tmp_path / "r"))
+    with pytest.raises(SystemExit, match="tokenizers differ"):
+        opd.load_models_and_data(cfg, torch.device("cpu"))
+    assert not (tmp_path / "r").exists()
+
+
+def test_real_pair_eos_mismatch(real_pairs, tmp_path):
+    d, _ = real_pairs
+    other = bpe_tokenizer(eos="<|endoftext|>")
+    m = opd.make_model(other, 1, 32, "llama")
+    m.save_pretrained(tmp_path / "t")
+    other.save_pretrained(tmp_path / "t")
+    cfg = _real_cfg(tmp_path, str(d / "llama" / "student"), str(tmp_path / "t"), str(d / "prompts.jsonl"))
+    with pytest.raises(SystemExit, match="EOS ids differ.*length inflation"):
+        opd.load_models_and_data(cfg, torch.device("cpu"))
+
+
+def test_prompt_file_errors(work, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a b x 2 ="}\n{oops\n')
+    (tmp_path / "noprompt.jsonl").write_text('{"question": "a"}\n')
+    for name, msg in [("empty", "holds no prompts"), ("bad", "bad.jsonl:2 is not valid JSON"),
+                      ("noprompt", 'no string "prompt"'), ("missing", "does not exist")]:
+        with pytest.raises(SystemExit, match=re.escape(msg)):
+            opd.read_prompts(str(tmp_path / f"{name}.jsonl"))
+    r = cli(*TINY, "--prompts", str(tmp_path / "bad.jsonl"), "--cache-dir", str(work / "cache"),   # and on the command line
+            "--out-dir", str(tmp_path / "r"), "--plots-dir", str(tmp_path / "p"), check=False)
+    assert r.returncode != 0 and "bad.jsonl:2 is not valid JSON" in r.stderr, r.stderr[-500:]
+    assert not (tmp_path / "r").exists()                                  # nothing ran
+
+
+def test_sft_coef_without_any_answer_is_refused(work, tmp_path):
+    (tmp_path / "noanswer.jsonl").write_text("".join(f'{{"prompt": "a b x {k} ="}}\n' for k in range(1, 6)) * 4)
+    cfg = _tiny_cfg(work, method="stable-opd", prompts=str(tmp_path / "noanswer.jsonl"))
+    with pytest.raises(SystemExit, match="--sft-coef needs reference answers"):
+        opd.load_models_and_data(cfg, torch.device("cpu"))
+
+
+def test_teacher_context_file_errors(real_pairs, work, tmp_path):
+    d, _ = real_pairs
+    files = {"missing.json": None, "bad.json": "[{oops", "notlist.json": '{"role": "user", "content": "a"}',
+             "role.json": '[{"role": "robot", "content": "a"}]', "empty.json": "[]"}
+    for name, text in files.items():
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        cfg = _real_cfg(tmp_path, str(d / "llama" / "student"), str(d / "llama" / "teacher"), str(d / "prompts.jsonl"),
+                        teacher_context=str(tmp_path / name))
+        with pytest.raises(SystemExit) as e:
+            opd.load_models_and_data(cfg, torch.device("cpu"))
+        msg = str(e.value)
+        assert msg.startswith("error: ") and msg.count("\n") == 0 and name in msg, msg
+    (tmp_path / "ok.json").write_text('[{"role": "user", "content": "a"}]')
+    with pytest.raises(SystemExit, match="needs a teacher that reads a chat template"):   # the word-level toy pair
+        opd.load_models_and_data(_tiny_cfg(work, teacher_context=str(tmp_path / "ok.json")), torch.device("cpu"))
+
+
+BAD_VALUES = {
+    "methods": "opd,nope", "seeds": "0", "seed": "-1", "pair_seed": "-1", "device": "gpu", "workers": "-1", "teacher_layers": "0",
+    "teacher_width": "30", "teacher_steps": "0", "teacher_free_frac": "1.5", "teacher_overrun_frac": "0.6", "gold_size": "-1", "opd_coef": "-1", "student_layers": "0", "student_width": "0",
+    "student_steps": "-3", "student_free_frac": "-0.1", "pretrain_lr": "0", "steps": "0", "batch_size": "0", "lr": "-1",
+    "temperature": "0", "max_new_tokens": "0", "objective": "kl", "loss_agg": "sum", "warmup": "-1", "decay": "-1", "grad_clip": "0",
+    "chunk_size": "-8", "length_groups": "0", "ref_kl": "-0.1", "sft_coef": "nan", "trunc_weight": "2",
+    "overlong_buffer": "49", "adv_regulation": "tanh", "adv_clip": "0", "rep_penalty": "0", "rep_window": "0",
+    "rep_tau": "-1", "alert_max_len": "-1", "alert_trunc": "1.2", "alert_rep": "-0.5", "alert_growth": "0",
+    "alert_patience": "0", "eval_every": "0", "eval_size": "0", "log_samples_every": "-1", "threads": "0", "save_every": "-1",
+    "teacher": "some/path", "student": "some/path",             # each without the other
+    "top_k": "0", "seq_kd_coef": "-1", "seq_kd_samples": "129", "seq_kd_temperature": "0", "prefix_len": "49",
+    "iw_gamma": "-0.5", "teacher_format": "chat", "log_every": "0", "guard_fix": "stable",
+}
+
+
+def test_every_numeric_or_choice_flag_has_a_bad_value():
+    numeric = {f.name for f in opd.flag_fields() if f.type in ("int", "float")}
+    choice = {"methods", "device", "objective", "loss_agg", "adv_regulation", "teacher_format", "guard_fix"}
+    assert numeric | choice <= set(BAD_VALUES), sorted(numeric | choice - set(BAD_VALUES))
+
+
+@pytest.mark.parametrize("name", sorted(BAD_VALUES))
+def test_bad_flag_value_one_line_exit_2(name, capsys):
+    flag, value = "--" + name.replace("_", "-"), BAD_VALUES[name]
+    with pytest.raises(SystemExit) as e:
+        opd.parse_config([flag, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    typ = {"int": int, "float": float, "str": str}[{f.name: f.type for f in opd.flag_fields()}[name]]
+    assert err.startswith(f"error: {flag} must be ") and err.rstrip().endswith(f"(got {typ(value)!r})"), err
+
+
+def test_bad_flag_through_the_command_line(tmp_path):
+    """As a new user types it: no traceback, one line on stderr, exit code 2, nothing built."""
+    r = cli("--temperature", "0", "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "r"), check=False)
+    assert r.returncode == 2 and r.stderr == "error: --temperature must be > 0 (sampling divides the logits by it) (got 0.0)\n"
+    assert not r.stdout and not (tmp_path / "cache").exists() and not (tmp_path / "r").exists()
+
+
+def test_unparsable_flag_value_one_line_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        opd.parse_config(["--lr", "abc"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: argument --lr: invalid float value: 'abc'")
+
+
+def test_preset_combined_with_flags_is_validated(capsys):
+    base, _ = opd.parse_config(["--max-new-tokens", "8"])             # valid alone
+    with pytest.raises(SystemExit) as e:
+        opd.config_for(base, "overlong", 0)                           # the preset's buffer of 12 exceeds the budget of 8
+    assert e.value.code == 2 and "--overlong-buffer must be between 0 and --max-new-tokens (8) (got 12)" in capsys.readouterr().err
+
+
+def test_run_name_shared_by_several_runs_is_refused(capsys):
+    for argv in (["--methods", "opd,stable-opd", "--seeds", "1"], ["--methods", "opd", "--seeds", "2"]):
+        with pytest.raises(SystemExit) as e:
+            opd.parse_config([*argv, "--run-name", "x"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: --run-name must be empty"), err
+    cfg, _ = opd.parse_config(["--methods", "opd", "--seeds", "1", "--run-name", "x"])   # one run: fine
+    assert cfg.run_name == "x"
+
+
+def test_nan_loss_stops_cleanly_and_keeps_metrics(work, monkeypatch):
+    cfg = _tiny_cfg(work, run_name="nan")
+    opd.run_opd(cfg)                                            # a first, good run of the same name
+    good = (work / "inproc" / "nan" / "metrics.jsonl").read_text()
+    calls = {"n": 0}
+    real = opd.sampled_token_loss
+
+    def poisoned(adv, lp):
+        calls["n"] += 1
+        return real(adv, lp) * (float("nan") if calls["n"] == 3 else 1.0)
+
+    monkeypatch.setattr(opd, "sampled_token_loss", poisoned)
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 2"):
+        opd.run_opd(cfg)
+    rows = opd.read_metrics(work / "inproc" / "nan" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1]                  # every completed step, intact JSON
+    assert (work / "inproc" / "nan" / "metrics.prev.jsonl").read_text() == good   # the earlier run kept
+
+
+def test_a_damaged_shipped_file_stops_with_one_line(tmp_path, monkeypatch, capsys):
+    """A truncated pair/teacher/model.safetensors: one line naming the file and how to restore it,
+    exit code 2, before any loader runs."""
+    import shutil
+    shutil.copytree(HERE / "pair", tmp_path / "pair")
+    f = tmp_path / "pair" / "teacher" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+    monkeypatch.setattr(opd, "SHIPPED", tmp_path / "pair")
+    with pytest.raises(SystemExit) as e:
+        opd.pair_folders(opd.Config())
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert str(f) in err and "git checkout pair/" in err
+    monkeypatch.setattr(opd, "SHIPPED", HERE / "pair")
+    opd.check_shipped()                                              # the committed pair passes
 
 
 # ----------------------------------------------------------------------------- docs: what the tutorial and README show is what the code does
@@ -1758,7 +1767,6 @@ def test_docs_tables_are_quoted_from_committed_results():
             assert table == opd.table_part(HERE / m.group(1), m.group(2)), f"{doc}: {marker} differs"
             quoted += 1
     assert quoted >= 8
-
 
 
 def core_source():

@@ -2387,7 +2387,7 @@ def measure_cost(base: Config, methods, steps: int = 25) -> dict:
     (median of steps 5 to `steps` - 1, before any run inflates): what each method's extra
     terms cost, measured under the same conditions, without the noise of parallel runs."""
     out = {}
-    for m in methods:
+    for m in [methods[0], *methods]:      # the first run warms the process up and is measured again
         cfg = with_settings(config_for(base, m, base.seed), steps=steps, eval_every=10**6,
                             save_every=0, out_dir=str(Path(base.out_dir) / "cost"), log_every=10**6,
                             log_samples_every=0, run_name=m)

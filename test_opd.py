@@ -2009,6 +2009,14 @@ if torch.distributed.is_initialized():      # leave gloo before exit: its thread
 """
 
 
+def _free_port() -> int:
+    """A TCP port no process is listening on now, for the launcher's rendezvous."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.mark.skipif(os.environ.get("OPD_SKIP_DDP") == "1", reason="OPD_SKIP_DDP=1")
 def test_two_processes_train_like_one(real_pairs, tmp_path):
     """The recipe under `accelerate launch --num_processes 2` on CPU (gloo): with greedy rollouts (the
@@ -2024,7 +2032,7 @@ def test_two_processes_train_like_one(real_pairs, tmp_path):
         out.mkdir()
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-                  str(29500 + os.getpid() % 1000)] if n == 2 else [sys.executable]
+                  str(_free_port())] if n == 2 else [sys.executable]
         r = subprocess.run([*launch, str(tmp_path / "driver.py"), str(HERE), str(d / "llama"), str(out)],
                            capture_output=True, text=True, env=env, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]

@@ -1,10 +1,13 @@
-"""Tests of opd.py: properties of the math (hypothesis), cross-checks against independent
-implementations, stabilizers on hand-built tensors, and real runs of the command line.
+"""Tests of opd.py, in its order: properties of the math (hypothesis), cross-checks against
+independent implementations, stabilizers on hand-built tensors, real runs of the command line,
+bad input, and the docs. The studies', the pair's build and the TRL recipe's tests sit beside
+their files (studies/, pair/, peers/).
 
-    pytest -q            # the whole suite, a couple of minutes on 2 CPU cores
+    python -m pytest -q            # the whole suite, a few minutes on 2 CPU cores
 """
 import contextlib
 import copy
+import importlib.util
 import functools
 import io
 import json
@@ -24,6 +27,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import opd
 
 HERE = Path(__file__).parent
+_spec = importlib.util.spec_from_file_location("pair_build", HERE / "pair" / "build.py")
+build = sys.modules["pair_build"] = importlib.util.module_from_spec(_spec)   # pair/build.py: the toy pair
+_spec.loader.exec_module(build)
 settings.register_profile("opd", max_examples=40, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("opd")
@@ -89,12 +95,21 @@ def _heads(H, V, seed):
 @functools.lru_cache(maxsize=1)
 def _small_model():
     torch.manual_seed(0)
-    return opd.make_model(opd.build_tokenizer(), 2, 16).double()
+    return build.make_model(build.build_tokenizer(), 2, 16).double()
 
 
-TINY = ["--teacher-width", "32", "--student-width", "16", "--teacher-steps", "30", "--student-steps", "5",
-        "--batch-size", "8", "--steps", "4", "--eval-every", "2", "--eval-size", "8", "--max-new-tokens", "12",
+# the shipped pair on tiny runs: 4 steps of 8 prompts, a 12-token budget, 8 held-out prompts
+TINY = ["--batch-size", "8", "--steps", "4", "--eval-every", "2", "--eval-size", "8", "--max-new-tokens", "12",
         "--workers", "1", "--log-every", "1", "--log-samples-every", "2"]
+METRIC_KEYS = [  # tutorial, the loop: every run logs them all
+    "step", "loss/total", "loss/opd", "kl/reverse", "rollout/len_mean", "rollout/len_max",
+    "rollout/len_p90", "rollout/trunc_rate", "rollout/rep_rate", "rollout/ngram_rep",
+    "logp/student", "logp/teacher", "adv/mean", "adv/repetitive", "adv/regular",
+    "adv/repetitive_frac", "eos/p_student", "eos/p_teacher", "eos/teacher_lower_frac",
+    "eval/accuracy", "eval/len_mean", "eval/len_max", "eval/trunc_rate", "eval/rep_rate",
+    "eval/ngram_rep", "eval/accuracy_sampled", "rollout/accuracy", "time/rollout_s",
+    "time/teacher_s", "time/update_s", "time/eval_s", "time/tokens_per_s", "pos/adv",
+    "pos/adv_positive", "pos/logp_teacher"]
 
 
 def cli(*args, cwd=HERE, check=True):
@@ -108,9 +123,17 @@ def cli(*args, cwd=HERE, check=True):
 @pytest.fixture(scope="session")
 def work(tmp_path_factory):
     d = tmp_path_factory.mktemp("e2e")
-    cli(*TINY, "--methods", "opd", "--seeds", "1", "--cache-dir", str(d / "cache"), "--out-dir", str(d / "runs"),
-        "--plots-dir", str(d / "plots"))
+    cli(*TINY, "--methods", "opd", "--seeds", "1", "--out-dir", str(d / "runs"), "--plots-dir", str(d / "plots"))
     return d
+
+
+def refused(capsys, fn, *args, match):
+    """fn(*args) stops with exit code 2 and one line on stderr that matches `match`."""
+    with pytest.raises(SystemExit) as e:
+        fn(*args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and re.search(match, err), err
+    return err
 
 
 def rows_of(d, name):
@@ -120,8 +143,7 @@ def rows_of(d, name):
 def _tiny_cfg(work, method="opd", seed=0, flags=(), **overrides):
     """The tiny config of the command-line tests, as run_opd takes it (in-process); `flags` are
     given on the command line (they win over the preset), `overrides` set afterwards."""
-    base, given = opd.parse_config(TINY + ["--cache-dir", str(work / "cache"), "--out-dir", str(work / "inproc"),
-                                           *flags])
+    base, _, given = opd.parse_config(TINY + ["--out-dir", str(work / "inproc"), *flags])
     return opd.with_settings(opd.config_for(base, method, seed, given), **overrides)
 
 
@@ -156,7 +178,7 @@ def real_pairs(tmp_path_factory):
     for arch in ("llama", "qwen2"):
         for role, layers, width in (("student", 1, 32), ("teacher", 2, 64)):
             torch.manual_seed(0)
-            m = opd.make_model(tok, layers, width, arch)
+            m = build.make_model(tok, layers, width, arch)
             m.save_pretrained(d / arch / role)
             tok.save_pretrained(d / arch / role)
     rows = [{"prompt": "bada kelo mi", "answer": "sute"}, {"prompt": "zo ruka", "answer": None}] * 8
@@ -169,7 +191,7 @@ def _save_pair(d, tok_s, tok_t, arch="llama", scale=1.0):
     random teacher a chaotic function of its input, so a changed prompt changes its log-probs."""
     for role, tok, layers, width in (("student", tok_s, 1, 32), ("teacher", tok_t, 2, 64)):
         torch.manual_seed({"student": 0, "teacher": 1}[role])
-        m = opd.make_model(tok, layers, width, arch)
+        m = build.make_model(tok, layers, width, arch)
         with torch.no_grad():
             for p in m.parameters():
                 p.mul_(scale if role == "teacher" else 1.0)
@@ -199,9 +221,8 @@ def _capture(monkeypatch):
 
 
 def _real_cfg(d, s_path, t_path, prompts, **kw):
-    return opd.Config(**dict(dict(teacher=t_path, student=s_path, prompts=prompts, methods="opd", seeds=1, steps=2,
-                                  batch_size=6, max_new_tokens=6, eval_every=10, workers=1, log_samples_every=0,
-                                  out_dir=str(d / "runs")), **kw))
+    return opd.Config(**dict(dict(teacher=t_path, student=s_path, prompts=prompts, steps=2, batch_size=6,
+                                  max_new_tokens=6, eval_every=10, log_samples_every=0, out_dir=str(d / "runs")), **kw))
 
 
 def _teacher_scores(seen, tok, prompts_file, teacher, render):
@@ -227,7 +248,7 @@ def _teacher_logp(teacher, prompt_ids, y):
     return F.log_softmax(logits.float(), -1).gather(-1, y[:, None]).squeeze(-1)
 
 
-# ----------------------------------------------------------------------------- 1. OPD in one page
+# ----------------------------------------------------------------------------- OPD in one page
 
 @given(logits_pair())
 def test_full_kl_nonnegative(pair):
@@ -286,6 +307,7 @@ def test_sampled_token_gradient_matches_full_gradient(pair):
     torch.testing.assert_close(per[0], grads[0])                # the closed form is the autograd gradient
     tol = 6 * grads.std(0) / math.sqrt(n) + 1e-6
     assert ((grads.mean(0) - exact).abs() <= tol).all()
+
 
 @given(logits_pair(), st.integers(1, 12))
 def test_topk_kl_is_a_kl_no_larger_than_the_full_one(pair, k):
@@ -350,22 +372,7 @@ def test_response_mask_hand_built_cases():
     assert mask.tolist() == [[1, 0, 0], [1, 1, 1], [1, 1, 1], [1, 1, 0]]
     assert lengths.tolist() == [1, 3, 3, 2] and truncated.tolist() == [False, False, True, False]
 
-
-# ----------------------------------------------------------------------------- 2. Task and model pair
-
-@given(st.integers(0, 99))
-def test_overrun_text_trains_only_past_the_free_repeats(seed):
-    """Over-run text: no loss on the prompt, the k correct repeats and the 2 free ones; loss on
-    every token after them; no EOS anywhere (the text never ends)."""
-    tok, task = opd.build_tokenizer(), opd.MotifTask(eval_size=8)
-    ex = task.overrun_text(random.Random(seed))
-    motif, k = ex["prompt"].split()[:-3], int(ex["prompt"].split()[-2])
-    ids, _, labels = opd.supervised_batch(tok, [ex])
-    trained = [int(i) for i, l in zip(ids[0], labels[0]) if l != -100]
-    answer = tok(ex["answer"], add_special_tokens=False)["input_ids"]
-    assert ex["skip"] == len(motif) * (k + 2) and trained == answer[ex["skip"]:] and len(trained) >= 1
-    assert tok.eos_token_id not in ids[0].tolist() and ex["answer"].split() == (motif * 48)[:len(answer)]
-
+# ----------------------------------------------------------------------------- Task and model pair
 
 def test_gold_set_is_fixed_and_from_training_motifs():
     task = opd.MotifTask(eval_size=8)
@@ -376,44 +383,32 @@ def test_gold_set_is_fixed_and_from_training_motifs():
 
 
 def test_exact_match_needs_the_stop_and_the_text():
-    tok = opd.build_tokenizer()
+    tok = build.build_tokenizer()
     ids = tok("a b a b", add_special_tokens=False)["input_ids"]
     assert opd.exact_match(tok, ids + [tok.eos_token_id], "a b a b")
     assert not opd.exact_match(tok, ids, "a b a b")                         # truncated: no EOS
     assert not opd.exact_match(tok, ids[:2] + [tok.eos_token_id], "a b a b")
 
 
-def test_tokenizer_and_model_roundtrip(tmp_path):
-    tok = opd.build_tokenizer()
-    torch.manual_seed(0)
-    model = opd.make_model(tok, 1, 16)
-    model.save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
-    tok2, model2 = opd.load_pretrained(str(tmp_path), "cpu")
-    text = "a b c x 3 ="
-    assert tok2(text)["input_ids"] == tok(text)["input_ids"] and len(tok(text)["input_ids"]) == 7   # BOS + 6 words
-    assert tok2.decode(tok2(text)["input_ids"], skip_special_tokens=True) == text
-    ids = torch.tensor([tok(text)["input_ids"]])
-    torch.testing.assert_close(model.eval()(ids).logits, model2.eval()(ids).logits)
-
-def test_plain_rendering_is_the_prompt_and_a_newline():
-    """chat=False (--teacher-format plain): the tokenizer's plain encoding of prompt + newline,
-    whatever chat template the tokenizer has; the default rendering goes through the template."""
+def test_prompt_rendering_chat_template_or_plain_text():
+    """A tokenizer with a chat template renders a prompt through it; one without reads plain text,
+    the prompt and a newline (the toy tokenizer drops the newline: the same ids as the prompt)."""
     tok = bpe_tokenizer(vocab=2_000)
-    plain = opd.prompt_token_ids(tok, ["bada kelo"], chat=False)[0]
-    assert plain == tok("bada kelo\n")["input_ids"]
     chat = opd.prompt_token_ids(tok, ["bada kelo"])[0]
-    assert chat != plain and tok.decode(chat).startswith("<|im_start|>user")
+    assert tok.decode(chat).startswith("<|im_start|>user\nbada kelo")
+    tok.chat_template = None
+    assert opd.prompt_token_ids(tok, ["bada kelo"])[0] == tok("bada kelo\n")["input_ids"] != chat
+    toy = build.build_tokenizer()
+    assert opd.prompt_token_ids(toy, ["a b x 2 ="])[0] == toy("a b x 2 =")["input_ids"]
 
-
-# ----------------------------------------------------------------------------- 3. Rollouts and scores
+# ----------------------------------------------------------------------------- Rollouts and scores
 
 def test_rollouts_kv_cache_equals_full_recompute():
     """Greedy decoding with the KV cache, left padding and position ids gives the same tokens
     as recomputing the whole sequence each step without a cache."""
-    tok = opd.build_tokenizer()
+    tok = build.build_tokenizer()
     torch.manual_seed(0)
-    model = opd.make_model(tok, 2, 64).eval()
+    model = build.make_model(tok, 2, 64).eval()
     with torch.no_grad():                                        # large random weights: a chaotic function
         for p in model.parameters():                             # of its input, positions included
             p.mul_(8.0)
@@ -477,6 +472,25 @@ def test_chunked_terms_equal_unchunked(B, T, V, chunk, with_ref, objective, seed
     torch.testing.assert_close(outs[0][1], outs[1][1])
 
 
+@given(st.integers(1, 3), st.integers(1, 6), st.integers(2, 12), st.sampled_from(["sampled", "full", "topk"]),
+       st.integers(0, 99))
+def test_terms_from_logits_equal_token_terms(B, T, V, objective, seed):
+    """terms_from_logits() on logits a loop already has gives what token_terms() gives on the hidden
+    states and heads those logits come from, values and gradients."""
+    head, teacher_head = _heads(4, V, seed)
+    g = torch.Generator().manual_seed(seed)
+    h_s = torch.randn(B, T, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    h_t = torch.randn(B, T, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, V, (B, T), generator=g)
+    a = opd.terms_from_logits(head(h_s), teacher_head(h_t), y, 1, 0.8, objective, 2, teacher_head(h_t))
+    b = opd.token_terms(h_s, head, h_t, teacher_head, y, 1, 0.8, 0, objective, 2, h_t, teacher_head)
+    for x, z in zip(a, b):
+        assert (x is None) == (z is None) and (x is None or torch.equal(x, z))
+    loss = lambda t: (t.kl if t.kl is not None else -t.logp_student).sum() + t.kl_ref.sum()
+    torch.testing.assert_close(torch.autograd.grad(loss(a), h_s)[0], torch.autograd.grad(loss(b), h_s)[0])
+    assert not a.logp_teacher.requires_grad and not a.p_eos_student.requires_grad
+
+
 @given(st.floats(0.05, 4.0), st.floats(1e2, 1e5), st.integers(0, 99))
 def test_temperature_log_softmax_finite_for_large_logits(temp, scale, seed):
     g = torch.Generator().manual_seed(seed)
@@ -500,10 +514,11 @@ def test_reference_kl_zero_before_first_update():
     assert t.kl_ref.abs().max() < 1e-12
     assert t.kl.min() > 1e-6                                    # while the teacher differs
 
+
 def test_sequence_nll_is_the_mean_nll_of_each_response_through_its_eos():
     """sequence_nll (sequence-level KD's loss) = the mean of -log p(y_t | prompt, y_<t) over every
     token up to and including each row's first EOS, computed here one sequence at a time."""
-    tok = opd.build_tokenizer()
+    tok = build.build_tokenizer()
     model = _small_model().float()
     ids, attn = opd.encode_batch(tok, ["a b x 2 =", "c d e x 1 ="])
     eos = tok.eos_token_id
@@ -517,8 +532,7 @@ def test_sequence_nll_is_the_mean_nll_of_each_response_through_its_eos():
         nll += (-F.log_softmax(logits.float(), -1).gather(-1, resp[i, :L, None]).squeeze(-1)).tolist()
     assert float(got.detach()) == pytest.approx(sum(nll) / len(nll), rel=1e-5)
 
-
-# ----------------------------------------------------------------------------- 4. Monitor
+# ----------------------------------------------------------------------------- Monitor
 
 @given(st.lists(st.lists(st.integers(3, 40), min_size=0, max_size=30), min_size=1, max_size=40), st.integers(1, 30))
 def test_length_stats_equal_direct_computation(seqs, max_len):
@@ -635,8 +649,7 @@ def test_repetition_alert_fires_once_within_steps_of_a_planted_trend(onset, per_
         fired += [step] if out.get("alert/rep_rate") else []
     assert len(fired) == 1 and crossed <= fired[0] <= crossed + mon.patience + 2, (fired, crossed)
 
-
-# ----------------------------------------------------------------------------- 5. Stabilizers
+# ----------------------------------------------------------------------------- Stabilizers
 
 @given(token_batch(), st.integers(0, 99))
 def test_eos_mask_zeroes_exactly_eos(tokens, seed):
@@ -681,6 +694,7 @@ def test_advantage_regulation(values, bound):
     torch.testing.assert_close(lg, torch.sign(a) * torch.log1p(a.abs()))
     cl = opd.regulate_advantage(a, "clip", bound)
     assert (cl.abs() <= bound + 1e-12).all() and (cl[a.abs() <= bound] == a[a.abs() <= bound]).all()
+
 
 @given(token_batch(), st.integers(1, 12))
 def test_prefix_weights_keep_the_first_n_response_tokens(tokens, n):
@@ -772,6 +786,28 @@ def test_opd_loss_defaults_are_plain_opd(tokens, seed):
     assert set(parts) == {"opd"}
 
 
+@given(token_batch(), st.sampled_from(MODES), st.integers(0, 99))
+def test_opd_loss_takes_a_completion_mask(tokens, mode, seed):
+    """TRL's completion_mask (1 up to and including the first EOS, then 0; it cuts a completion at
+    its EOS and pads after it) given as opd_loss(mask=...) gives the loss of the mask built from
+    eos_id, with every stabilizer of the sampled objective on; a weighted mask weighs the tokens."""
+    g = torch.Generator().manual_seed(seed)
+    lp_s, lp_t = (-torch.rand(tokens.shape, generator=g, dtype=torch.float64) * 3 for _ in range(2))
+    trl_mask = torch.zeros(tokens.shape, dtype=torch.long)
+    for i, row in enumerate(tokens.tolist()):                     # TRL: is_eos.int().argmax(1), then a comparison
+        end = row.index(2) if 2 in row else len(row) - 1
+        trl_mask[i, :end + 1] = 1
+    s = opd.LossSettings(loss_agg=mode, overlong_buffer=2, adv_regulation="clip", eos_mask=True, iw_gamma=1.0,
+                         trunc_weight=0.5, prefix_len=3)
+    built, parts = opd.opd_loss(lp_s, lp_t, tokens, 2, s, max_len=12)
+    given_, _ = opd.opd_loss(lp_s, lp_t, tokens, 2, s, mask=trl_mask, max_len=12)
+    assert float(given_) == float(built) and set(parts) == {"opd"}
+    half = trl_mask * 0.5
+    w, _ = opd.opd_loss(lp_s, lp_t, tokens, 2, opd.LossSettings(loss_agg="seq-mean-token-sum"), mask=half)
+    full, _ = opd.opd_loss(lp_s, lp_t, tokens, 2, opd.LossSettings(loss_agg="seq-mean-token-sum"))
+    assert float(w) == pytest.approx(0.5 * float(full), rel=1e-12, abs=1e-12)
+
+
 def _hand_opd_loss(lp_s, lp_t, tokens, eos, kw, kl_ref=None, sft=None):
     """The loss of section 5 written out token by token in plain Python: an independent reference."""
     rows = []
@@ -813,7 +849,7 @@ def test_opd_loss_equals_the_loops_loss(work, monkeypatch):
     rows = opd.run_opd(_tiny_cfg(work, run_name="loss", max_new_tokens=8, **kw))
     settings = _tiny_cfg(work, max_new_tokens=8, **kw).loss
     kw_all = dict(opd.dataclasses.asdict(settings), max_len=8)
-    eos = opd.build_tokenizer().eos_token_id
+    eos = build.build_tokenizer().eos_token_id
     losses = [r["loss/total"] for r in rows if "loss/total" in r]
     assert len(seen["terms"]) == len(losses) == len(sfts) == 4
     truncated = 0
@@ -826,8 +862,326 @@ def test_opd_loss_equals_the_loops_loss(work, monkeypatch):
         truncated += int((resp != eos).all(-1).sum())
     assert truncated > 0                                               # the truncation weight was exercised
 
+# ----------------------------------------------------------------------------- Setting up a run: flags, the pair, real models and their checks
 
-# ----------------------------------------------------------------------------- 6. The loop
+def test_flag_given_at_its_default_wins_over_the_preset():
+    """--methods sft-only --opd-coef 1.0: the flag was given, so it wins, although 1.0 is its default."""
+    base, _, given = opd.parse_config(["--methods", "sft-only", "--opd-coef", "1.0"])
+    cfg = opd.config_for(base, "sft-only", 0, given)
+    assert (cfg.loss.opd_coef, cfg.loss.sft_coef) == (1.0, opd.STABLE_OPD["sft_coef"])
+    base, _, given = opd.parse_config(["--methods", "sft-only"])
+    assert opd.config_for(base, "sft-only", 0, given).loss.opd_coef == 0.0        # not given: the preset's
+
+
+BAD_VALUES = {
+    "methods": "opd,nope", "seeds": "0", "seed": "-1", "device": "gpu", "workers": "-1", "gold_size": "-1",
+    "opd_coef": "-1", "steps": "0", "batch_size": "0", "lr": "-1", "temperature": "0", "max_new_tokens": "0",
+    "objective": "kl", "loss_agg": "sum", "warmup": "-1", "decay": "-1", "grad_clip": "0", "chunk_size": "-8",
+    "length_groups": "0", "ref_kl": "-0.1", "sft_coef": "nan", "trunc_weight": "2", "overlong_buffer": "49",
+    "adv_regulation": "tanh", "adv_clip": "0", "rep_penalty": "0", "rep_window": "0", "rep_tau": "-1",
+    "alert_max_len": "-1", "alert_trunc": "1.2", "alert_rep": "-0.5", "alert_growth": "0", "alert_patience": "0",
+    "eval_every": "0", "eval_size": "0", "log_samples_every": "-1", "threads": "0", "save_every": "-1",
+    "teacher": "some/path", "student": "some/path",             # each without the other
+    "top_k": "0", "seq_kd_coef": "-1", "seq_kd_samples": "129", "seq_kd_temperature": "0", "prefix_len": "49",
+    "iw_gamma": "-0.5", "log_every": "0", "guard_fix": "stable",
+}
+FLAGS = {f.name: f for f in [*opd.run_fields(), *opd.dataclasses.fields(opd.Study)]}
+
+
+def test_every_numeric_or_choice_flag_has_a_bad_value():
+    numeric = {f.name for f in FLAGS.values() if f.type in ("int", "float")}
+    choice = {"methods", "device", *opd.CHOICES}
+    assert numeric | choice <= set(BAD_VALUES), sorted(numeric | choice - set(BAD_VALUES))
+
+
+@pytest.mark.parametrize("name", sorted(BAD_VALUES))
+def test_bad_flag_value_one_line_exit_2(name, capsys):
+    flag, value = "--" + name.replace("_", "-"), BAD_VALUES[name]
+    with pytest.raises(SystemExit) as e:
+        opd.parse_config([flag, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    if name in opd.CHOICES:                                          # argparse's own choices
+        assert err.startswith(f"error: argument {flag}: invalid choice: {value!r}"), err
+        return
+    typ = {"int": int, "float": float, "str": str}[FLAGS[name].type]
+    assert err.startswith(f"error: {flag} must be ") and err.rstrip().endswith(f"(got {typ(value)!r})"), err
+
+
+def test_bad_flag_through_the_command_line(tmp_path):
+    """As a new user types it: no traceback, one line on stderr, exit code 2, nothing built."""
+    r = cli("--temperature", "0", "--out-dir", str(tmp_path / "r"), check=False)
+    assert r.returncode == 2 and r.stderr == "error: --temperature must be > 0 (got 0.0)\n"
+    assert not r.stdout and not (tmp_path / "r").exists()
+
+
+def test_unparsable_flag_value_one_line_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        opd.parse_config(["--lr", "abc"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: argument --lr: invalid float value: 'abc'")
+
+
+def test_preset_combined_with_flags_is_validated(capsys):
+    base, _, _ = opd.parse_config(["--max-new-tokens", "8"])          # valid alone
+    refused(capsys, opd.config_for, base, "overlong", 0,                # the preset's buffer of 12 exceeds the budget of 8
+            match=re.escape("--overlong-buffer must be at most --max-new-tokens (got 12)"))
+
+
+def test_run_name_shared_by_several_runs_is_refused(capsys):
+    for argv in (["--methods", "opd,stable-opd", "--seeds", "1"], ["--methods", "opd", "--seeds", "2"]):
+        with pytest.raises(SystemExit) as e:
+            opd.parse_config([*argv, "--run-name", "x"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: --run-name names one run"), err
+    cfg, _, _ = opd.parse_config(["--methods", "opd", "--seeds", "1", "--run-name", "x"])   # one run: fine
+    assert cfg.run_name == "x"
+
+
+def test_a_damaged_shipped_file_stops_with_one_line(tmp_path, monkeypatch, capsys):
+    """A truncated pair/teacher/model.safetensors: one line naming the file and how to restore it,
+    exit code 2, before any loader runs."""
+    import shutil
+    shutil.copytree(HERE / "pair", tmp_path / "pair")
+    f = tmp_path / "pair" / "teacher" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+    monkeypatch.setattr(opd, "PAIR", tmp_path / "pair")
+    err = refused(capsys, opd.default_pair, match="git checkout pair/")
+    assert str(f) in err
+    monkeypatch.setattr(opd, "PAIR", HERE / "pair")
+    assert opd.default_pair() == (str(HERE / "pair" / "teacher"), str(HERE / "pair" / "student"))   # the committed pair passes
+
+
+def test_wrong_model_path(tmp_path, capsys):
+    r = cli("--teacher", str(tmp_path / "nope"), "--student", str(tmp_path / "nope"), "--steps", "1", check=False)
+    assert r.returncode == 2 and "does not exist" in r.stderr and r.stderr.count("\n") == 1   # as a new user types it
+    (tmp_path / "empty").mkdir()                                # a folder, but no model in it
+    refused(capsys, opd.load_pretrained, str(tmp_path / "empty"), "cpu", match="could not load a model")
+
+
+def test_mismatched_tokenizers(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = ["<pad>", "<bos>", "<eos>", "<unk>", "zz"]
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    other = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                    unk_token="<unk>")
+    for name, t in (("s", build.build_tokenizer()), ("t", other)):
+        m = build.make_model(t, 1, 16)
+        m.save_pretrained(tmp_path / name)
+        t.save_pretrained(tmp_path / name)
+    cfg = opd.Config(teacher=str(tmp_path / "t"), student=str(tmp_path / "s"), steps=1, out_dir=str(tmp_path / "r"))
+    refused(capsys, opd.load_models_and_data, cfg, torch.device("cpu"), match="tokenizers differ")
+    assert not (tmp_path / "r").exists()
+
+
+def test_real_pair_eos_mismatch(real_pairs, tmp_path, capsys):
+    d, _ = real_pairs
+    other = bpe_tokenizer(eos="<|endoftext|>")
+    m = build.make_model(other, 1, 32, "llama")
+    m.save_pretrained(tmp_path / "t")
+    other.save_pretrained(tmp_path / "t")
+    cfg = _real_cfg(tmp_path, str(d / "llama" / "student"), str(tmp_path / "t"), str(d / "prompts.jsonl"))
+    refused(capsys, opd.load_models_and_data, cfg, torch.device("cpu"), match="EOS ids differ.*push it down")
+
+
+def test_teacher_scores_in_its_own_chat_format(real_pairs, tmp_path, monkeypatch, capsys):
+    """Student and teacher share the vocabulary and EOS but not the chat template: the teacher's
+    log-probs in the loop equal a direct forward of the teacher on its own rendering of the prompt
+    followed by the student's response ids, and differ from those after the student's rendering."""
+    d, tok = real_pairs
+    tok_t = copy.deepcopy(tok)
+    tok_t.chat_template = ("{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                           "{% if add_generation_prompt %}### assistant:{% endif %}")
+    s_path, t_path = _save_pair(tmp_path, tok, tok_t, scale=8.0)
+    seen = _capture(monkeypatch)
+    opd.run_opd(_real_cfg(tmp_path, s_path, t_path, str(d / "prompts.jsonl")), "opd")
+    assert "chat formats differ" in capsys.readouterr().out
+    _, teacher = opd.load_pretrained(t_path, "cpu")
+    own = _teacher_scores(seen, tok, d / "prompts.jsonl", teacher, lambda t: opd.prompt_token_ids(tok_t, [t])[0])
+    student = _teacher_scores(seen, tok, d / "prompts.jsonl", teacher, lambda t: opd.prompt_token_ids(tok, [t])[0])
+    for (got, direct), (_, other) in zip(own, student):
+        torch.testing.assert_close(got, direct, atol=1e-4, rtol=1e-4)
+        assert (got - other).abs().max() > 1e-2                      # the other rendering would score differently
+    assert len(own) == 12
+
+
+def test_teacher_without_a_chat_template_reads_plain_text(real_pairs, tmp_path, monkeypatch, capsys):
+    """One tokenizer, but the teacher's has no chat template (real/plurals.py's mismatch): the
+    teacher's prompt ids in the loop are the plain rendering (prompt and newline) and its log-probs
+    those of a direct forward on it; the student samples from its chat rendering; check_pair warns."""
+    d, tok = real_pairs
+    tok_t = copy.deepcopy(tok)
+    tok_t.chat_template = None
+    s_path, t_path = _save_pair(tmp_path, tok, tok_t, scale=8.0)
+    seen = _capture(monkeypatch)
+    opd.run_opd(_real_cfg(tmp_path, s_path, t_path, str(d / "prompts.jsonl")), "opd")
+    assert "one side has a chat template and the other reads plain text" in capsys.readouterr().out
+    _, teacher = opd.load_pretrained(t_path, "cpu")
+    scores = _teacher_scores(seen, tok, d / "prompts.jsonl", teacher, lambda t: tok(t + "\n")["input_ids"])
+    for got, direct in scores:
+        torch.testing.assert_close(got, direct, atol=1e-4, rtol=1e-4)
+    assert len(scores) == 12
+
+
+def test_accept_grader_and_held_out_split(tmp_path, capsys):
+    tok = build.build_tokenizer()
+    ids = lambda text, stop=True: tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] * stop
+    row = {"prompt": "a b x 2 =", "answer": "a b a b", "accept": r"^a b( a b)*$"}
+    assert opd.is_correct(tok, ids("a b a b a b"), row)                    # the regex, not the exact answer
+    assert not opd.is_correct(tok, ids("a b a b a b", stop=False), row)    # a response must stop
+    assert not opd.is_correct(tok, ids("a c"), row)
+    assert opd.is_correct(tok, ids("a b a b"), {"prompt": "", "answer": "a b a b"})      # exact match without one
+    assert not opd.is_correct(tok, ids("a b a b a b"), {"prompt": "", "answer": "a b a b"})
+    lines = [{"prompt": f"p{i}", "answer": "x", "split": "eval" if i < 3 else "train"} for i in range(10)]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    rows = opd.read_prompts(str(tmp_path / "p.jsonl"))
+    assert [r["split"] for r in rows].count("eval") == 3 and rows[0]["accept"] is None
+    for bad, msg in [({"prompt": "a", "accept": "(unclosed"}, 'valid "accept" regex'), ({"prompt": "a", "split": "test"}, '"split"')]:
+        (tmp_path / "bad.jsonl").write_text(json.dumps(bad) + "\n")
+        refused(capsys, opd.read_prompts, str(tmp_path / "bad.jsonl"), match=msg)
+
+
+def test_prompt_file_errors(tmp_path, capsys):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a b x 2 ="}\n{oops\n')
+    (tmp_path / "noprompt.jsonl").write_text('{"question": "a"}\n')
+    for name, msg in [("empty", "holds no prompts"), ("bad", "bad.jsonl:2 is not a JSON object"),
+                      ("noprompt", 'needs a string "prompt"'), ("missing", "does not exist")]:
+        refused(capsys, opd.read_prompts, str(tmp_path / f"{name}.jsonl"), match=re.escape(msg))
+    for name in ("bad", "missing"):                                      # and as a new user types it
+        r = cli(*TINY, "--prompts", str(tmp_path / f"{name}.jsonl"), "--out-dir", str(tmp_path / "r"), check=False)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "r").exists()                                  # nothing ran
+
+
+def test_sft_coef_without_any_answer_is_refused(work, tmp_path, capsys):
+    (tmp_path / "noanswer.jsonl").write_text("".join(f'{{"prompt": "a b x {k} ="}}\n' for k in range(1, 6)) * 4)
+    cfg = _tiny_cfg(work, method="stable-opd", prompts=str(tmp_path / "noanswer.jsonl"))
+    refused(capsys, opd.load_models_and_data, cfg, torch.device("cpu"), match="--sft-coef needs reference answers")
+
+
+def test_pad_is_eos_keeps_the_stop_in_the_loss(tmp_path, monkeypatch):
+    """pad_token == eos_token (the default of several small models): every position after the
+    stop holds the EOS id too. The stopping EOS is in the mask and carries loss; nothing after it does."""
+    tok = build.build_tokenizer()
+    tok.pad_token = tok.eos_token
+    s_path, t_path = _save_pair(tmp_path, tok, tok)
+    tok2, _ = opd.load_pretrained(s_path, "cpu")
+    assert tok2.pad_token_id == tok2.eos_token_id == tok.eos_token_id
+    rows = opd.MotifTask().sample(16, random.Random(0))
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    seen = _capture(monkeypatch)
+    losses, real = [], opd.aggregate_loss
+    monkeypatch.setattr(opd, "aggregate_loss", lambda per, w, *a, **k: losses.append((per.detach(), w)) or real(per, w, *a, **k))
+    out = opd.run_opd(_real_cfg(tmp_path, s_path, t_path, str(tmp_path / "p.jsonl"), batch_size=16, max_new_tokens=12), "opd")
+    eos, stops = tok.eos_token_id, 0
+    for (resp, _), (per_token, weights), row in zip(seen["terms"], losses, [r for r in out if "loss/total" in r]):
+        lengths = []
+        for i, ids in enumerate(resp.tolist()):
+            L = ids.index(eos) + 1 if eos in ids else len(ids)       # through the first EOS
+            lengths.append(L)
+            assert weights[i, :L].tolist() == [1.0] * L and not weights[i, L:].any()
+            if L < len(ids):                                          # stopped early: EOS padding follows
+                assert set(ids[L - 1:]) == {eos} and per_token[i, L - 1] != 0
+                stops += 1
+        assert row["rollout/len_mean"] == pytest.approx(sum(lengths) / len(lengths))
+    assert stops >= 4, stops                                          # the case was exercised
+
+
+def test_sampling_ignores_generation_config(tmp_path, capsys):
+    """A model that ships top_p=0.5, top_k=3: rollouts still come from the full softmax at the
+    loss temperature (a frequency test on 4,000 first tokens)."""
+    tok = build.build_tokenizer()
+    torch.manual_seed(0)
+    model = build.make_model(tok, 1, 16)
+    model.generation_config.update(do_sample=True, top_p=0.5, top_k=3, temperature=0.3)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    _, m = opd.load_pretrained(str(tmp_path), "cpu")
+    assert (m.generation_config.top_p, m.generation_config.top_k) == (0.5, 3)
+    assert "top_p=0.5, top_k=3" in capsys.readouterr().out
+    m.eval()
+    ids, attn = opd.encode_batch(tok, ["a b c x 2 ="])
+    N, temp = 4000, 0.7
+    with torch.no_grad():
+        p = F.softmax(m(ids).logits[0, -1] / temp, -1)                # the distribution the loss assumes
+    assert 1 - p.topk(3).values.sum() > 0.3                           # top-k/top-p would cut a visible share
+    torch.manual_seed(1)
+    first = opd.sample_rollouts(m, ids.repeat(N, 1), attn.repeat(N, 1), 1, tok.eos_token_id, tok.pad_token_id, temp)[:, 0]
+    freq = torch.bincount(first, minlength=len(p)).double() / N
+    assert (freq > 0).sum() > 3
+    assert ((freq - p).abs() <= 5 * (p * (1 - p) / N).sqrt() + 1e-3).all(), (freq, p)
+
+
+def test_plurals_script_files_and_check(real_pairs, tmp_path, capsys):
+    """real/plurals.py, the real-model study's data: 128 held-out nouns apart from the training nouns
+    and the context's, a grader that takes the right plural in any wording and refuses a wrong one,
+    and the check table, run on a tiny local chat model."""
+    sys.path.insert(0, str(HERE / "real"))
+    try:
+        import plurals
+    finally:
+        sys.path.pop(0)
+    plurals.write_files(tmp_path)
+    rows = opd.read_prompts(str(tmp_path / "prompts.jsonl"))
+    held = [r for r in rows if r["split"] == "eval"]
+    words = [re.search(r'"(\w+)"', r["prompt"]).group(1) for r in rows]
+    assert len(held) == 128 and len(rows) - 128 >= 256 and len(set(words)) == len(words)
+    assert not set(words) & set(plurals.CONTEXT_NOUNS)
+    d, tok = real_pairs
+    say = lambda text: tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    for r, w in zip(rows, words):
+        p = plurals.plural(w)
+        assert opd.is_correct(tok, say(r["answer"]), r) and opd.is_correct(tok, say(f"The plural of {w} is {p}, always."), r)
+        assert not opd.is_correct(tok, say(f'The plural of "{w}" is "{p}x".'), r)
+        assert not opd.is_correct(tok, say(f'The word {w} is {w}{w}.'), r) or w == p
+    assert plurals.plural("mouse") == "mice" and plurals.plural("baby") == "babies" and plurals.plural("bus") == "buses"
+    assert json.loads((tmp_path / "context.json").read_text())[1]["content"] == 'The plural of "fox" is "foxes".'
+    plurals.check(str(d / "llama" / "student"), tmp_path, max_new_tokens=3)
+    out = capsys.readouterr().out
+    assert "| bare |" in out and "| worked examples first |" in out
+
+
+def write_gguf(model, tok, path):
+    """Write a Llama model and its byte-level BPE tokenizer to GGUF with the gguf package's
+    writer, float32 tensors, under the names and the Q/K row order llama.cpp's converter uses."""
+    import gguf
+    c, n_layers = model.config, model.config.num_hidden_layers
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(n_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    raw = json.loads(tok.backend_tokenizer.to_str())["model"]
+    special = set(tok.all_special_ids)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([t for t, _ in sorted(raw["vocab"].items(), key=lambda kv: kv[1])])
+    w.add_token_types([gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(len(raw["vocab"]))])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in raw["merges"]])
+    w.add_eos_token_id(tok.eos_token_id)
+    w.add_pad_token_id(tok.pad_token_id)
+    w.add_chat_template(tok.chat_template)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    for name, t in model.state_dict().items():
+        t = t.float().numpy()
+        heads = {"q_proj": c.num_attention_heads, "k_proj": c.num_key_value_heads}.get(name.split(".")[-2])
+        if heads:                                        # llama.cpp interleaves the rotary halves
+            t = t.reshape(heads, 2, t.shape[0] // heads // 2, t.shape[1]).swapaxes(1, 2).reshape(t.shape)
+        w.add_tensor(names.get_name(name.rsplit(".", 1)[0]) + ".weight", t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+# ----------------------------------------------------------------------------- The loop
 
 @given(st.integers(1, 400), st.integers(0, 100), st.floats(0, 1))
 def test_lr_factor_is_warmup_stable_decay(steps, warmup, decay):
@@ -838,6 +1192,7 @@ def test_lr_factor_is_warmup_stable_decay(steps, warmup, decay):
     assert all(a <= b + 1e-12 for a, b in zip(f[:up], f[1:up]))                  # rising while warming up
     assert all(a >= b - 1e-12 for a, b in zip(f[down:], f[down + 1:]))           # falling in the decay
     assert f[-1] <= 1 / max(d, 1) + 1e-12 if d else f[-1] == min(1.0, steps / max(warmup, 1))
+
 
 def test_rollout_metrics_on_hand_made_values():
     """Two rollouts of 26 tokens budget: one loops (its 24-token tail is repetitive) and one stops
@@ -873,16 +1228,18 @@ def test_same_seed_same_metrics(work):
 
 
 def test_self_distillation_zero_loss_and_unchanged(work):
-    cfg = _tiny_cfg(work, run_name="self", self_distill=True, save_student=True)
-    rows = opd.run_opd(cfg)
+    student = opd.default_pair()[1]                                 # the teacher is the student
+    rows = opd.run_opd(_tiny_cfg(work, run_name="self", teacher=student, student=student, save_student=True))
     assert all(abs(r["loss/total"]) < 1e-6 and abs(r["kl/reverse"]) < 1e-6 for r in rows if "loss/total" in r)
-    _, before = opd.load_pretrained(opd.build_default_pair(cfg)[1], "cpu")
+    _, before = opd.load_pretrained(student, "cpu")
     _, after = opd.load_pretrained(str(work / "inproc" / "self" / "student"), "cpu")
     for (n, p), (_, q) in zip(before.named_parameters(), after.named_parameters()):
         assert torch.equal(p, q), n
 
 
 OPD_TERM = {"drop-trunc", "overlong", "adv-log", "adv-clip", "eos-mask", "full-vocab", "prefix-opd", "iw-opd", "topk"}
+
+
 EXTRA_TERMS = {"stable-opd": ("ref_kl", "sft"), "ref-kl": ("ref_kl",), "mixture": ("sft",), "sft-only": ("sft",),
                "seq-kd": ("seq_kd",)}
 
@@ -923,7 +1280,8 @@ def test_sft_only_does_not_depend_on_the_teacher(work):
     the teacher is (here the self-built teacher and the student itself), while the KL it logs is not."""
     strip = lambda rows, k: [r[k] for r in rows if k in r]
     a = opd.run_opd(_tiny_cfg(work, method="sft-only", run_name="sft-a"), "sft-only")
-    b = opd.run_opd(_tiny_cfg(work, method="sft-only", run_name="sft-b", self_distill=True), "sft-only")
+    student = opd.default_pair()[1]
+    b = opd.run_opd(_tiny_cfg(work, method="sft-only", run_name="sft-b", teacher=student, student=student), "sft-only")
     assert strip(a, "loss/total") == strip(b, "loss/total") and strip(a, "eval/accuracy") == strip(b, "eval/accuracy")
     assert strip(a, "kl/reverse") != strip(b, "kl/reverse")
 
@@ -961,269 +1319,7 @@ def test_console_prints_a_line_every_log_every_steps_each_with_its_run(work, cap
     assert [l.split()[3] for l in lines[:-1]] == ["0/4", "2/4", "3/4"] and "final" in lines[-1]
 
 
-# ----------------------------------------------------------------------------- 7. Real models
-
-
-def test_teacher_scores_in_its_own_chat_format(real_pairs, tmp_path, monkeypatch, capsys):
-    """Student and teacher share the vocabulary and EOS but not the chat template: the teacher's
-    log-probs in the loop equal a direct forward of the teacher on its own rendering of the prompt
-    followed by the student's response ids, and differ from those after the student's rendering."""
-    d, tok = real_pairs
-    tok_t = copy.deepcopy(tok)
-    tok_t.chat_template = ("{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                           "{% if add_generation_prompt %}### assistant:{% endif %}")
-    s_path, t_path = _save_pair(tmp_path, tok, tok_t, scale=8.0)
-    seen = _capture(monkeypatch)
-    opd.run_opd(_real_cfg(tmp_path, s_path, t_path, str(d / "prompts.jsonl")), "opd")
-    assert "chat formats differ" in capsys.readouterr().out
-    _, teacher = opd.load_pretrained(t_path, "cpu")
-    own = _teacher_scores(seen, tok, d / "prompts.jsonl", teacher, lambda t: opd.prompt_token_ids(tok_t, [t])[0])
-    student = _teacher_scores(seen, tok, d / "prompts.jsonl", teacher, lambda t: opd.prompt_token_ids(tok, [t])[0])
-    for (got, direct), (_, other) in zip(own, student):
-        torch.testing.assert_close(got, direct, atol=1e-4, rtol=1e-4)
-        assert (got - other).abs().max() > 1e-2                      # the other rendering would score differently
-    assert len(own) == 12
-
-def test_teacher_format_plain_reads_the_prompt_as_text(real_pairs, tmp_path, monkeypatch, capsys):
-    """--teacher-format plain: the teacher's prompt ids in the loop are the plain rendering
-    (prompt + newline, no chat template) and its log-probs those of a direct forward on it; the
-    student samples from its chat rendering, as without the flag. check_pair warns first, with
-    its pre-flight log-probs."""
-    d, tok = real_pairs
-    s_path, t_path = _save_pair(tmp_path, tok, tok, scale=8.0)
-    seen = _capture(monkeypatch)
-    opd.run_opd(_real_cfg(tmp_path, s_path, t_path, str(d / "prompts.jsonl"), teacher_format="plain"), "opd")
-    out = capsys.readouterr().out
-    assert "reads prompts through a chat template and the teacher as plain text" in out
-    assert re.search(r"Pre-flight: .* is -?[\d.]+ per token after the student's rendering and -?[\d.]+", out)
-    _, teacher = opd.load_pretrained(t_path, "cpu")
-    scores = _teacher_scores(seen, tok, d / "prompts.jsonl", teacher, lambda t: tok(t + "\n")["input_ids"])
-    for got, direct in scores:
-        torch.testing.assert_close(got, direct, atol=1e-4, rtol=1e-4)
-    assert len(scores) == 12
-
-
-def test_teacher_context_is_read_by_the_teacher_alone(real_pairs, tmp_path, monkeypatch, capsys):
-    """--teacher-context: the teacher's log-probs in the loop equal a direct forward of context +
-    prompt + response; the student's rollouts are sampled from the prompt alone."""
-    d, tok = real_pairs
-    s_path, t_path = _save_pair(tmp_path, tok, tok, scale=8.0)
-    ctx = [{"role": "user", "content": "bada zo"}, {"role": "assistant", "content": "kelo mi ruka"}]
-    (tmp_path / "ctx.json").write_text(json.dumps(ctx))
-    seen = _capture(monkeypatch)
-    opd.run_opd(_real_cfg(tmp_path, s_path, t_path, str(d / "prompts.jsonl"), teacher_context=str(tmp_path / "ctx.json")), "opd")
-    _, teacher = opd.load_pretrained(t_path, "cpu")
-    with_context = lambda t: opd.prompt_token_ids(tok, [t], ctx)[0]
-    assert len(with_context("zo ruka")) > len(opd.prompt_token_ids(tok, ["zo ruka"])[0]) + 5
-    scores = _teacher_scores(seen, tok, d / "prompts.jsonl", teacher, with_context)   # the student: bare prompts
-    for got, direct in scores:
-        torch.testing.assert_close(got, direct, atol=1e-4, rtol=1e-4)
-    assert len(scores) == 12
-
-
-def test_accept_grader_and_held_out_split(tmp_path):
-    tok = opd.build_tokenizer()
-    ids = lambda text, stop=True: tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] * stop
-    row = {"prompt": "a b x 2 =", "answer": "a b a b", "accept": r"^a b( a b)*$"}
-    assert opd.is_correct(tok, ids("a b a b a b"), row)                    # the regex, not the exact answer
-    assert not opd.is_correct(tok, ids("a b a b a b", stop=False), row)    # a response must stop
-    assert not opd.is_correct(tok, ids("a c"), row)
-    assert opd.is_correct(tok, ids("a b a b"), {"prompt": "", "answer": "a b a b"})      # exact match without one
-    assert not opd.is_correct(tok, ids("a b a b a b"), {"prompt": "", "answer": "a b a b"})
-    lines = [{"prompt": f"p{i}", "answer": "x", "split": "eval" if i < 3 else "train"} for i in range(10)]
-    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    rows = opd.read_prompts(str(tmp_path / "p.jsonl"))
-    assert [r["split"] for r in rows].count("eval") == 3 and rows[0]["accept"] is None
-    for bad, msg in [({"prompt": "a", "accept": "(unclosed"}, "not a regular expression"), ({"prompt": "a", "split": "test"}, '"split"')]:
-        (tmp_path / "bad.jsonl").write_text(json.dumps(bad) + "\n")
-        with pytest.raises(SystemExit, match=msg):
-            opd.read_prompts(str(tmp_path / "bad.jsonl"))
-
-
-def test_plurals_script_files_and_check(real_pairs, tmp_path, capsys):
-    """real/plurals.py, the real-model study's data: 128 held-out nouns apart from the training nouns
-    and the context's, a grader that takes the right plural in any wording and refuses a wrong one,
-    and the check table, run on a tiny local chat model."""
-    sys.path.insert(0, str(HERE / "real"))
-    try:
-        import plurals
-    finally:
-        sys.path.pop(0)
-    plurals.write_files(tmp_path)
-    rows = opd.read_prompts(str(tmp_path / "prompts.jsonl"))
-    held = [r for r in rows if r["split"] == "eval"]
-    words = [re.search(r'"(\w+)"', r["prompt"]).group(1) for r in rows]
-    assert len(held) == 128 and len(rows) - 128 >= 256 and len(set(words)) == len(words)
-    assert not set(words) & set(plurals.CONTEXT_NOUNS)
-    d, tok = real_pairs
-    say = lambda text: tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    for r, w in zip(rows, words):
-        p = plurals.plural(w)
-        assert opd.is_correct(tok, say(r["answer"]), r) and opd.is_correct(tok, say(f"The plural of {w} is {p}, always."), r)
-        assert not opd.is_correct(tok, say(f'The plural of "{w}" is "{p}x".'), r)
-        assert not opd.is_correct(tok, say(f'The word {w} is {w}{w}.'), r) or w == p
-    assert plurals.plural("mouse") == "mice" and plurals.plural("baby") == "babies" and plurals.plural("bus") == "buses"
-    assert opd.read_context(str(tmp_path / "context.json"))[1]["content"] == 'The plural of "fox" is "foxes".'
-    plurals.check(str(d / "llama" / "student"), tmp_path, max_new_tokens=3)
-    out = capsys.readouterr().out
-    assert "| bare |" in out and "| worked examples first |" in out
-
-
-def test_pad_is_eos_keeps_the_stop_in_the_loss(tmp_path, monkeypatch):
-    """pad_token == eos_token (the default of several small models): every position after the
-    stop holds the EOS id too. The stopping EOS is in the mask and carries loss; nothing after it does."""
-    tok = opd.build_tokenizer()
-    tok.pad_token = tok.eos_token
-    s_path, t_path = _save_pair(tmp_path, tok, tok)
-    tok2, _ = opd.load_pretrained(s_path, "cpu")
-    assert tok2.pad_token_id == tok2.eos_token_id == tok.eos_token_id
-    rows = opd.MotifTask().sample(16, random.Random(0))
-    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    seen = _capture(monkeypatch)
-    losses, real = [], opd.aggregate_loss
-    monkeypatch.setattr(opd, "aggregate_loss", lambda per, w, *a, **k: losses.append((per.detach(), w)) or real(per, w, *a, **k))
-    out = opd.run_opd(_real_cfg(tmp_path, s_path, t_path, str(tmp_path / "p.jsonl"), batch_size=16, max_new_tokens=12), "opd")
-    eos, stops = tok.eos_token_id, 0
-    for (resp, _), (per_token, weights), row in zip(seen["terms"], losses, [r for r in out if "loss/total" in r]):
-        lengths = []
-        for i, ids in enumerate(resp.tolist()):
-            L = ids.index(eos) + 1 if eos in ids else len(ids)       # through the first EOS
-            lengths.append(L)
-            assert weights[i, :L].tolist() == [1.0] * L and not weights[i, L:].any()
-            if L < len(ids):                                          # stopped early: EOS padding follows
-                assert set(ids[L - 1:]) == {eos} and per_token[i, L - 1] != 0
-                stops += 1
-        assert row["rollout/len_mean"] == pytest.approx(sum(lengths) / len(lengths))
-    assert stops >= 4, stops                                          # the case was exercised
-
-
-def test_sampling_ignores_generation_config(tmp_path, capsys):
-    """A model that ships top_p=0.5, top_k=3: rollouts still come from the full softmax at the
-    loss temperature (a frequency test on 4,000 first tokens)."""
-    tok = opd.build_tokenizer()
-    torch.manual_seed(0)
-    model = opd.make_model(tok, 1, 16)
-    model.generation_config.update(do_sample=True, top_p=0.5, top_k=3, temperature=0.3)
-    model.save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
-    _, m = opd.load_pretrained(str(tmp_path), "cpu")
-    assert (m.generation_config.top_p, m.generation_config.top_k) == (0.5, 3)
-    assert "generation_config sets temperature=0.3, top_p=0.5, top_k=3" in capsys.readouterr().out
-    m.eval()
-    ids, attn = opd.encode_batch(tok, ["a b c x 2 ="])
-    N, temp = 4000, 0.7
-    with torch.no_grad():
-        p = F.softmax(m(ids).logits[0, -1] / temp, -1)                # the distribution the loss assumes
-    assert 1 - p.topk(3).values.sum() > 0.3                           # top-k/top-p would cut a visible share
-    torch.manual_seed(1)
-    first = opd.sample_rollouts(m, ids.repeat(N, 1), attn.repeat(N, 1), 1, tok.eos_token_id, tok.pad_token_id, temp)[:, 0]
-    freq = torch.bincount(first, minlength=len(p)).double() / N
-    assert (freq > 0).sum() > 3
-    assert ((freq - p).abs() <= 5 * (p * (1 - p) / N).sqrt() + 1e-3).all(), (freq, p)
-
-
-def write_gguf(model, tok, path):
-    """Write a Llama model and its byte-level BPE tokenizer to GGUF with the gguf package's
-    writer, float32 tensors, under the names and the Q/K row order llama.cpp's converter uses."""
-    import gguf
-    c, n_layers = model.config, model.config.num_hidden_layers
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(n_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
-    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_vocab_size(c.vocab_size)
-    raw = json.loads(tok.backend_tokenizer.to_str())["model"]
-    special = set(tok.all_special_ids)
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list([t for t, _ in sorted(raw["vocab"].items(), key=lambda kv: kv[1])])
-    w.add_token_types([gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(len(raw["vocab"]))])
-    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in raw["merges"]])
-    w.add_eos_token_id(tok.eos_token_id)
-    w.add_pad_token_id(tok.pad_token_id)
-    w.add_chat_template(tok.chat_template)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
-    for name, t in model.state_dict().items():
-        t = t.float().numpy()
-        heads = {"q_proj": c.num_attention_heads, "k_proj": c.num_key_value_heads}.get(name.split(".")[-2])
-        if heads:                                        # llama.cpp interleaves the rotary halves
-            t = t.reshape(heads, 2, t.shape[0] // heads // 2, t.shape[1]).swapaxes(1, 2).reshape(t.shape)
-        w.add_tensor(names.get_name(name.rsplit(".", 1)[0]) + ".weight", t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
-def test_gguf_round_trip(tmp_path):
-    """A model written to GGUF loads back through --teacher/--student paths with the same
-    tokenizer and logits, trains and saves like any model."""
-    pytest.importorskip("gguf", reason="optional: pip install -r requirements-test.txt")
-    tok = bpe_tokenizer(vocab=2_000)
-    torch.manual_seed(0)
-    model = opd.make_model(tok, 2, 32).eval()
-    write_gguf(model, tok, tmp_path / "tiny.gguf")
-    tok2, loaded = opd.load_pretrained(str(tmp_path / "tiny.gguf"), "cpu", torch.float32)
-    text = "bada kelo mi zo ruka"
-    assert tok2(text)["input_ids"] == tok(text)["input_ids"] != []
-    assert tok2.eos_token_id == tok.eos_token_id and tok2.chat_template == tok.chat_template
-    ids = torch.tensor([tok(text)["input_ids"]])
-    with torch.no_grad():
-        torch.testing.assert_close(loaded.eval()(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
-    loaded.save_pretrained(tmp_path / "saved")                # refused by transformers for a raw gguf load
-    tok2.save_pretrained(tmp_path / "saved")
-    _, again = opd.load_pretrained(str(tmp_path / "saved"), "cpu")
-    with torch.no_grad():
-        torch.testing.assert_close(again.eval()(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
-
-
-# ----------------------------------------------------------------------------- 8. Building the pair
-
-def test_cache_reused_and_rebuilt_on_change(work, capsys):
-    cfg = _tiny_cfg(work)
-    opd.load_models_and_data(cfg, torch.device("cpu"))                   # the session's pair, built once
-    assert "[build]" not in capsys.readouterr().out
-    opd.load_models_and_data(opd.dataclasses.replace(cfg, student_steps=6), torch.device("cpu"))
-    out = capsys.readouterr().out
-    assert "no cached student" in out and "no cached teacher" not in out
-
-
-def test_shipped_pair_matches_its_recorded_checksums():
-    """pair/SHA256SUMS (sha256sum's format) lists every shipped file and its SHA-256."""
-    import hashlib
-    d = HERE / "pair"
-    listed = dict(reversed(line.split("  ", 1)) for line in (d / "SHA256SUMS").read_text().splitlines())
-    files = {str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and p.name != "SHA256SUMS"}
-    assert set(listed) == files and {"teacher/model.safetensors", "student/build.json"} <= files
-    for name, digest in listed.items():
-        assert hashlib.sha256((d / name).read_bytes()).hexdigest() == digest, name
-
-
-def test_default_settings_load_the_shipped_pair_and_its_recorded_accuracy():
-    """With the default settings, the default pair is the shipped one (no build), and each model gives
-    the held-out greedy accuracy its build.json records, within 3 of MotifTask's 128 prompts: greedy
-    decoding changes only where two tokens tie to within rounding, and evaluating the same weights in
-    float64, or on 2 threads, changed neither model's count (113 and 70 of 128; tutorial, section 2)."""
-    cfg = opd.Config()
-    assert opd.pair_folders(cfg) == opd.default_pair() == (str(HERE / "pair" / "teacher"), str(HERE / "pair" / "student"))
-    assert opd.model_key(opd.Config(pair_seed=1), "teacher") != opd.model_key(cfg, "teacher")
-    task = opd.MotifTask()
-    for path in opd.default_pair():
-        info = json.loads((Path(path) / "build.json").read_text())
-        assert info["key"] == opd.model_key(cfg, info["role"]) and info["settings"] == opd.build_settings(cfg, info["role"])
-        tok, model = opd.load_pretrained(path, "cpu")
-        acc = opd.evaluate(model, tok, task.eval_set, cfg.max_new_tokens)["accuracy"]
-        assert abs(acc - info["accuracy"]) <= 3 / 128, (path, acc, info["accuracy"])
-
-
-# ----------------------------------------------------------------------------- 9. Scaling up
-
-def test_resumed_run_equals_straight_run(work, monkeypatch):
+def test_resumed_run_equals_straight_run(work, monkeypatch, capsys):
     """6 steps straight = 3 steps, an interrupt, and 3 resumed steps, metric for metric: student,
     optimizer, scheduler, both RNGs, monitor (its EMA feeds rollout/growth) and guard state all
     come back. stable-opd + guard also checks that the reference model stays the initial student."""
@@ -1247,8 +1343,8 @@ def test_resumed_run_equals_straight_run(work, monkeypatch):
     resumed = opd.run_opd(cfg("cut", save_every=3, resume=True))
     assert [r["step"] for r in resumed] == list(range(7))
     assert strip(resumed) == strip(straight)
-    with pytest.raises(SystemExit, match="was written with --lr 0.001"):   # other settings: refused, nothing lost
-        opd.run_opd(cfg("cut", save_every=3, resume=True, lr=3e-4))
+    refused(capsys, opd.run_opd, cfg("cut", save_every=3, resume=True, lr=3e-4),    # other settings: refused
+            match="was written with --lr 0.0015")
     assert strip(opd.read_metrics(run_dir / "metrics.jsonl")) == strip(straight)
 
 
@@ -1274,161 +1370,44 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert torch.load(path, weights_only=False)["step"] == 5
 
 
-def test_chunked_loss_peaks_lower_in_memory():
-    """loss_peak_memory: the chunked loss (32 positions at a time) needs a fraction of the memory of
-    the unchunked one for a 30,000-token vocabulary, and gives the same loss."""
-    kw = dict(vocab=30_000, batch=2, length=256, hidden=16)
-    whole = opd.loss_peak_memory(**kw, chunk=0)
-    chunked = opd.loss_peak_memory(**kw, chunk=32)
-    assert chunked["loss_mb"] < 0.6 * whole["loss_mb"] and whole["loss_mb"] > 150, (whole, chunked)
-    assert chunked["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+def test_nan_loss_stops_cleanly_and_keeps_metrics(work, monkeypatch):
+    cfg = _tiny_cfg(work, run_name="nan")
+    opd.run_opd(cfg)                                            # a first, good run of the same name
+    good = (work / "inproc" / "nan" / "metrics.jsonl").read_text()
+    calls = {"n": 0}
+    real = opd.sampled_token_loss
 
+    def poisoned(adv, lp):
+        calls["n"] += 1
+        return real(adv, lp) * (float("nan") if calls["n"] == 3 else 1.0)
 
-# ----------------------------------------------------------------------------- 10. Study
+    monkeypatch.setattr(opd, "sampled_token_loss", poisoned)
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 2"):
+        opd.run_opd(cfg)
+    rows = opd.read_metrics(work / "inproc" / "nan" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1]                  # every completed step, intact JSON
+    assert (work / "inproc" / "nan" / "metrics.prev.jsonl").read_text() == good   # the earlier run kept
 
-
-def test_flag_given_at_its_default_wins_over_the_preset():
-    """--methods sft-only --opd-coef 1.0: the flag was given, so it wins, although 1.0 is its default."""
-    base, given = opd.parse_config(["--methods", "sft-only", "--opd-coef", "1.0"])
-    cfg = opd.config_for(base, "sft-only", 0, given)
-    assert (cfg.loss.opd_coef, cfg.loss.sft_coef) == (1.0, opd.STABLE_OPD["sft_coef"])
-    base, given = opd.parse_config(["--methods", "sft-only"])
-    assert opd.config_for(base, "sft-only", 0, given).loss.opd_coef == 0.0        # not given: the preset's
-
-
-def test_study_workers_default_to_cores_capped_by_runs(monkeypatch):
-    monkeypatch.setattr(opd.os, "sched_getaffinity", lambda pid: set(range(8)))     # an 8-core machine
-    assert opd.study_workers(opd.Config(), 33) == 8                                  # the whole study
-    assert opd.study_workers(opd.Config(), 3) == 3                                   # --methods opd: 3 seeds
-    assert opd.study_workers(opd.Config(threads=2), 33) == 4                         # cores / threads
-    assert opd.study_workers(opd.Config(workers=2), 33) == 2                         # the flag wins
-    assert opd.study_workers(opd.Config(workers=5), 1) == 1
-    monkeypatch.setattr(opd.os, "sched_getaffinity", lambda pid: {0})
-    assert opd.study_workers(opd.Config(threads=4), 33) == 1                         # never 0
-
+# ----------------------------------------------------------------------------- The study and the command line, as a user types it
 
 def test_study_plots_dir_keeps_committed_figures():
-    assert opd.study_plots_dir(opd.Config()) == Path("plots")
-    assert opd.study_plots_dir(opd.Config(workers=1, save_every=0)) == Path("plots")   # the same numbers
-    assert opd.study_plots_dir(opd.Config(threads=2)) == Path("runs") / "plots"       # other arithmetic
-    assert opd.study_plots_dir(opd.Config(methods="opd", seeds=1)) == Path("runs") / "plots"
-    assert opd.study_plots_dir(opd.Config(lr=3e-4, out_dir="r")) == Path("r") / "plots"
-    assert opd.study_plots_dir(opd.Config(methods="opd", plots_dir="p")) == Path("p")
-    assert opd.study_plots_dir(opd.Config(methods="all", workers=1)) == Path("plots") / "all"
-    assert opd.study_plots_dir(opd.Config(methods="all", seeds=5)) == Path("plots") / "all"   # the five-seed comparison
-    assert opd.study_plots_dir(opd.Config(methods="all", lr=1e-3)) == Path("runs") / "plots"
-    assert opd.study_plots_dir(opd.with_settings(opd.Config(), ref_kl=0.1)) == Path("runs") / "plots"
+    """plots/ for the default study alone; <out_dir>/plots for any other, --plots-dir if given."""
+    study, cfg = opd.Study(), opd.Config()
+    assert opd.plots_dir(cfg, study) == Path("plots")
+    assert opd.plots_dir(opd.Config(save_every=0, out_dir="r"), opd.Study(workers=1)) == Path("plots")   # same numbers
+    assert opd.plots_dir(opd.Config(threads=2), study) == Path("runs") / "plots"       # other arithmetic
+    assert opd.plots_dir(cfg, opd.Study(methods="opd", seeds=1)) == Path("runs") / "plots"
+    assert opd.plots_dir(opd.Config(lr=3e-4, out_dir="r"), study) == Path("r") / "plots"
+    assert opd.plots_dir(cfg, opd.Study(methods="opd", plots_dir="p")) == Path("p")
+    assert opd.plots_dir(opd.with_settings(cfg, ref_kl=0.1), study) == Path("runs") / "plots"
 
-
-def _rows(acc, trunc, every=20):
-    """metrics.jsonl rows: a training row per step with its truncation rate, and the held-out
-    accuracies at steps 0, every, 2 * every, ... and after the last step."""
-    rows = []
-    for s, t in enumerate(trunc):
-        r = {"step": s, "rollout/trunc_rate": t}
-        if s % every == 0:
-            r["eval/accuracy"] = acc[s // every]
-        rows.append(r)
-    return rows + [{"step": len(trunc), "eval/accuracy": acc[-1]}]
-
-
-def test_shape_on_hand_made_runs():
-    """shape(): learned (+0.10 at an evaluation with truncation <= 0.05 on every step before it),
-    collapsed (take-off, truncation >= 0.5, final 0.15 under the peak), persisted (>= 0.3 on most
-    steps after it). A guarded run that learned, loops briefly and recovers to a later peak learned."""
-    up_down = [0.5, 0.7, 0.7, 0.3, 0.1]                              # evals at 0, 20, 40, 60, 80 and the end
-    collapse = [0.0] * 50 + [0.6] * 30
-    v = opd.shape(_rows(up_down + [0.1], collapse))
-    assert (v["learned"], v["collapsed"], v["persisted"]) == (True, True, True)
-    assert v["verdict"] == "learned, then collapsed"
-    heal = [0.0] * 50 + [0.6] * 5 + [0.0] * 25
-    assert opd.shape(_rows(up_down + [0.1], heal))["verdict"] == "learned, then collapsed, partly recovered"
-    early = [0.0] * 10 + [0.6] * 70                                    # truncation before the peak
-    assert opd.shape(_rows(up_down + [0.1], early))["verdict"] == "collapsed before learning"
-    flat = opd.shape(_rows([0.5, 0.55, 0.58, 0.58, 0.58, 0.58], [0.0] * 80))
-    assert flat["verdict"] == "did not learn, no collapse" and not flat["learned"]
-    kept = opd.shape(_rows([0.5, 0.7, 0.7, 0.7, 0.65, 0.65], [0.0] * 50 + [0.6] * 30))
-    assert kept["verdict"] == "learned, inflated, kept its accuracy" and not kept["collapsed"]
-    assert opd.shape(_rows([0.5, 0.7, 0.8, 0.8, 0.8, 0.8], [0.0] * 80))["verdict"] == "learned, no collapse"
-    guarded = [0.0] * 45 + [0.2] * 5 + [0.0] * 30                          # loops at 45-49, then healed
-    assert opd.shape(_rows([0.5, 0.7, 0.6, 0.8, 0.85, 0.85], guarded))["verdict"] == "learned, no collapse"
-
-
-def test_ranking_sorts_by_the_worst_seed_and_counts_what_held():
-    """A method with a better mean but one bad seed ranks below one whose worst seed is better;
-    held = truncation <= 0.1 on every step and final >= plain OPD's mean peak."""
-    def run(m, s, final, trunc):
-        rows = _rows([0.5, 0.8, final], [trunc] * 30)
-        for r in rows:
-            r.update({f"time/{k}_s": 1.0 for k in ("rollout", "teacher", "update")} if "rollout/trunc_rate" in r else {})
-            r.update({"rollout/len_mean": 10, "rollout/rep_rate": 0, "eval/accuracy_sampled": 0.5})
-        return m, s, rows
-    results = [run("opd", 0, 0.1, 0.6), run("opd", 1, 0.1, 0.6),
-               run("seq-kd", 0, 0.95, 0.0), run("seq-kd", 1, 0.2, 0.0),
-               run("stable-opd", 0, 0.85, 0.0), run("stable-opd", 1, 0.81, 0.05)]
-    rows = [opd.summarize(m, s, r) for m, s, r in results]
-    table = opd.ranking_table(rows, results, {"opd": 2.0, "seq-kd": 3.0, "stable-opd": 2.0}).splitlines()[2:]
-    assert [l.split("|")[1].strip() for l in table] == ["stable-opd", "seq-kd", "opd"]
-    cells = [c.strip() for c in table[0].strip("|").split("|")]
-    assert cells[1] == "yes" and cells[2] == "1.00" and cells[-1] == "2/2" and cells[-3] == "0/2"
-    assert [c.strip() for c in table[1].strip("|").split("|")][1:3] == ["no", "1.50"]
-
-
-@given(st.lists(st.floats(0, 1), min_size=1, max_size=40), st.floats(0, 1), st.integers(1, 4))
-def test_fire_step_needs_patience_consecutive_values(values, thr, patience):
-    steps = list(range(len(values)))
-    got = opd.fire_step(steps, values, thr, patience, start=0)
-    want = next((i for i in steps if i + 1 >= patience and all(v > thr for v in values[i + 1 - patience:i + 1])), "")
-    assert got == want
-
-
-def _planted_run(folder, name, takeoff, warn, steps=120):
-    """metrics.jsonl of a run whose repetition rate rises from step `warn` and truncation from `takeoff`."""
-    d = folder / name
-    d.mkdir(parents=True)
-    with open(d / "metrics.jsonl", "w") as f:
-        for s in range(steps):
-            rep = 0.0 if warn is None or s < warn else 0.05
-            trunc = 0.0 if takeoff is None or s < takeoff else 0.6
-            f.write(json.dumps({"step": s, "rollout/trunc_rate": trunc, "rollout/rep_rate": rep, "rollout/ngram_rep": 0.2,
-                                "rollout/growth": 0.0, "rollout/len_p90": 12, "logp/teacher": -0.5, "adv/repetitive": float("nan"),
-                                "adv/regular": -0.3, "adv/repetitive_frac": rep, "eos/teacher_lower_frac": 0.1}) + "\n")
-
-
-def test_signal_table_scores_lead_and_false_alarms(tmp_path):
-    """Collapsing fit runs warned 20 steps ahead, quiet ones never: the repetition rate gets a lead
-    of 19 on them (patience 2: the alert comes one step after the rise); a held-out quiet run whose
-    repetition rises anyway is counted as a false alarm."""
-    for seed in range(3):
-        _planted_run(tmp_path, f"opd-s{seed}", takeoff=80, warn=60)
-        _planted_run(tmp_path, f"stable-opd-s{seed}", takeoff=None, warn=None)
-    _planted_run(tmp_path, "opd-s3", takeoff=90, warn=70)
-    _planted_run(tmp_path, "sft-only-s3", takeoff=None, warn=50)
-    row = next(l for l in opd.signal_table(tmp_path).splitlines() if l.startswith("| repetition rate"))
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[2:] == ["19, 19, 19", "0 of 3 quiet", "19", "1 of 1 quiet"], cells
-
-
-# ----------------------------------------------------------------------------- end to end: the command line, as a user types it
 
 def test_cli_writes_every_documented_key(work):
     rows = rows_of(work / "runs", "opd-s0")
     keys = set().union(*rows)
-    assert set(opd.METRIC_KEYS) <= keys, set(opd.METRIC_KEYS) - keys
+    assert set(METRIC_KEYS) <= keys, set(METRIC_KEYS) - keys
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
     assert (work / "plots" / "results.csv").exists() and (work / "plots" / "fig1_accuracy_length.png").exists()
-
-
-def test_replot_redraws_from_the_run_folders(work, tmp_path):
-    """--replot trains nothing and writes the same table as the run that made the folders."""
-    r = cli(*TINY, "--methods", "opd", "--seeds", "1", "--cache-dir", str(work / "cache"), "--out-dir", str(work / "runs"),
-            "--plots-dir", str(tmp_path / "again"), "--replot")
-    assert "[build]" not in r.stdout and "step    0" not in r.stdout
-    assert (tmp_path / "again" / "results.csv").read_text() == (work / "plots" / "results.csv").read_text()
-    assert {p.name for p in (work / "plots").glob("*.png")} == {p.name for p in (tmp_path / "again").glob("*.png")}
-    with pytest.raises(SystemExit, match="no run at .*opd-s1"):                   # the same, in-process
-        opd.run_study(*opd.parse_config([*TINY, "--methods", "opd", "--seeds", "2", "--out-dir", str(work / "runs"),
-                                          "--plots-dir", str(tmp_path / "x"), "--replot"]))
 
 
 def test_ctrl_c_names_the_resume_command(work, tmp_path):
@@ -1436,8 +1415,8 @@ def test_ctrl_c_names_the_resume_command(work, tmp_path):
     finishes the run from its checkpoint."""
     import shlex
     import signal
-    args = [*TINY, "--methods", "opd", "--seeds", "1", "--steps", "12", "--eval-every", "6", "--save-every", "2", "--cache-dir",
-            str(work / "cache"), "--out-dir", str(tmp_path / "runs"), "--plots-dir", str(tmp_path / "plots")]
+    args = [*TINY, "--methods", "opd", "--seeds", "1", "--steps", "12", "--eval-every", "6", "--save-every", "2",
+            "--out-dir", str(tmp_path / "runs"), "--plots-dir", str(tmp_path / "plots")]
     p = subprocess.Popen([sys.executable, str(HERE / "opd.py"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, cwd=HERE, env=dict(os.environ, PYTHONPATH=str(HERE)))
     for line in p.stdout:
@@ -1450,7 +1429,7 @@ def test_ctrl_c_names_the_resume_command(work, tmp_path):
     assert cmd[-1] == "--resume" and cmd[2:-1] == args, err
     done = [r["step"] for r in opd.read_metrics(tmp_path / "runs" / "opd-s0" / "metrics.jsonl")]
     assert 4 <= len(done) < 13                                        # stopped mid-run
-    cfg, given = opd.parse_config(cmd[2:])                            # the printed command, run in-process
+    cfg, _, given = opd.parse_config(cmd[2:])                         # the printed command, run in-process
     rows = opd.run_opd(opd.config_for(cfg, "opd", cfg.seed, given), "opd")
     assert [r["step"] for r in rows] == list(range(13)) and cfg.resume
     assert opd.read_metrics(tmp_path / "runs" / "opd-s0" / "metrics.jsonl")[:len(done) - 2] == \
@@ -1473,209 +1452,28 @@ def test_real_pair_through_the_flags(real_pairs, arch, tmp_path):
         opd.run_study(*opd.parse_config(args))
     out = out.getvalue()
     rows = opd.read_metrics(tmp_path / "runs" / "stable-opd-s0" / "metrics.jsonl")
-    assert len(rows) == 3 and set(opd.METRIC_KEYS) - {"eval/accuracy"} <= set().union(*rows)
+    assert len(rows) == 3 and set(METRIC_KEYS) - {"eval/accuracy"} <= set().union(*rows)
     assert "chat formats differ" not in out                             # one tokenizer: one format
 
 
-def test_gguf_through_the_flags_and_save_student(tmp_path, monkeypatch):
-    """A .gguf file as --teacher and --student (the same file), --save-student writes a model
-    that loads back; without the gguf package the error is one line that says what to install."""
-    pytest.importorskip("gguf", reason="optional: pip install -r requirements-test.txt")
-    tok = bpe_tokenizer(vocab=2_000)
-    torch.manual_seed(0)
-    write_gguf(opd.make_model(tok, 1, 32), tok, tmp_path / "m.gguf")
-    (tmp_path / "prompts.jsonl").write_text('{"prompt": "bada kelo mi", "answer": "sute"}\n' * 16)
-    args = ["--teacher", str(tmp_path / "m.gguf"), "--student", str(tmp_path / "m.gguf"), "--prompts",
-            str(tmp_path / "prompts.jsonl"), "--methods", "opd", "--seeds", "1", "--steps", "1", "--batch-size", "2",
-            "--max-new-tokens", "4", "--eval-every", "1", "--workers", "1", "--out-dir", str(tmp_path / "runs"),
-            "--plots-dir", str(tmp_path / "plots")]
-    with contextlib.redirect_stdout(io.StringIO()):
-        opd.run_study(*opd.parse_config([*args, "--save-student"]))
-    _, saved = opd.load_pretrained(str(tmp_path / "runs" / "opd-s0" / "student"), "cpu")
-    assert saved.config.num_hidden_layers == 1
-    monkeypatch.setitem(sys.modules, "gguf", None)                     # as if it were not installed
-    with pytest.raises(SystemExit) as e:
-        opd.run_study(*opd.parse_config(args))
-    assert str(e.value).count("\n") == 0 and "is a GGUF file" in str(e.value) and opd.GGUF_INSTALL in str(e.value)
-
-
-# ----------------------------------------------------------------------------- bad input: one clear line, nothing lost
-
-def test_wrong_model_path(tmp_path):
-    r = cli("--teacher", str(tmp_path / "nope"), "--student", str(tmp_path / "nope"), "--steps", "1", check=False)
-    assert r.returncode != 0 and "does not exist" in r.stderr                  # as a new user types it
-    (tmp_path / "empty").mkdir()                                # a folder, but no model in it
-    with pytest.raises(SystemExit, match="could not load a model"):
-        opd.load_pretrained(str(tmp_path / "empty"), "cpu")
-
-
-def test_mismatched_tokenizers(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    words = ["<pad>", "<bos>", "<eos>", "<unk>", "zz"]
-    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    other = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                    unk_token="<unk>")
-    for name, t in (("s", opd.build_tokenizer()), ("t", other)):
-        m = opd.make_model(t, 1, 16)
-        m.save_pretrained(tmp_path / name)
-        t.save_pretrained(tmp_path / name)
-    cfg = opd.Config(teacher=str(tmp_path / "t"), student=str(tmp_path / "s"), steps=1, out_dir=str(tmp_path / "r"))
-    with pytest.raises(SystemExit, match="tokenizers differ"):
-        opd.load_models_and_data(cfg, torch.device("cpu"))
-    assert not (tmp_path / "r").exists()
-
-
-def test_real_pair_eos_mismatch(real_pairs, tmp_path):
-    d, _ = real_pairs
-    other = bpe_tokenizer(eos="<|endoftext|>")
-    m = opd.make_model(other, 1, 32, "llama")
-    m.save_pretrained(tmp_path / "t")
-    other.save_pretrained(tmp_path / "t")
-    cfg = _real_cfg(tmp_path, str(d / "llama" / "student"), str(tmp_path / "t"), str(d / "prompts.jsonl"))
-    with pytest.raises(SystemExit, match="EOS ids differ.*length inflation"):
-        opd.load_models_and_data(cfg, torch.device("cpu"))
-
-
-def test_prompt_file_errors(work, tmp_path):
-    (tmp_path / "empty.jsonl").write_text("\n")
-    (tmp_path / "bad.jsonl").write_text('{"prompt": "a b x 2 ="}\n{oops\n')
-    (tmp_path / "noprompt.jsonl").write_text('{"question": "a"}\n')
-    for name, msg in [("empty", "holds no prompts"), ("bad", "bad.jsonl:2 is not valid JSON"),
-                      ("noprompt", 'no string "prompt"'), ("missing", "does not exist")]:
-        with pytest.raises(SystemExit, match=re.escape(msg)):
-            opd.read_prompts(str(tmp_path / f"{name}.jsonl"))
-    with pytest.raises(SystemExit, match=re.escape("bad.jsonl:2 is not valid JSON")):   # and from the flags
-        opd.run_study(*opd.parse_config([*TINY, "--prompts", str(tmp_path / "bad.jsonl"), "--cache-dir",
-                                          str(work / "cache"), "--out-dir", str(tmp_path / "r"), "--plots-dir",
-                                          str(tmp_path / "p")]))
-    assert not (tmp_path / "r").exists()                                  # nothing ran
-
-
-def test_sft_coef_without_any_answer_is_refused(work, tmp_path):
-    (tmp_path / "noanswer.jsonl").write_text("".join(f'{{"prompt": "a b x {k} ="}}\n' for k in range(1, 6)) * 4)
-    cfg = _tiny_cfg(work, method="stable-opd", prompts=str(tmp_path / "noanswer.jsonl"))
-    with pytest.raises(SystemExit, match="--sft-coef needs reference answers"):
-        opd.load_models_and_data(cfg, torch.device("cpu"))
-
-
-def test_teacher_context_file_errors(real_pairs, work, tmp_path):
-    d, _ = real_pairs
-    files = {"missing.json": None, "bad.json": "[{oops", "notlist.json": '{"role": "user", "content": "a"}',
-             "role.json": '[{"role": "robot", "content": "a"}]', "empty.json": "[]"}
-    for name, text in files.items():
-        if text is not None:
-            (tmp_path / name).write_text(text)
-        cfg = _real_cfg(tmp_path, str(d / "llama" / "student"), str(d / "llama" / "teacher"), str(d / "prompts.jsonl"),
-                        teacher_context=str(tmp_path / name))
-        with pytest.raises(SystemExit) as e:
-            opd.load_models_and_data(cfg, torch.device("cpu"))
-        msg = str(e.value)
-        assert msg.startswith("error: ") and msg.count("\n") == 0 and name in msg, msg
-    (tmp_path / "ok.json").write_text('[{"role": "user", "content": "a"}]')
-    with pytest.raises(SystemExit, match="needs a teacher that reads a chat template"):   # the word-level toy pair
-        opd.load_models_and_data(_tiny_cfg(work, teacher_context=str(tmp_path / "ok.json")), torch.device("cpu"))
-
-
-BAD_VALUES = {
-    "methods": "opd,nope", "seeds": "0", "seed": "-1", "pair_seed": "-1", "device": "gpu", "workers": "-1", "teacher_layers": "0",
-    "teacher_width": "30", "teacher_steps": "0", "teacher_free_frac": "1.5", "teacher_overrun_frac": "0.6", "gold_size": "-1", "opd_coef": "-1", "student_layers": "0", "student_width": "0",
-    "student_steps": "-3", "student_free_frac": "-0.1", "pretrain_lr": "0", "steps": "0", "batch_size": "0", "lr": "-1",
-    "temperature": "0", "max_new_tokens": "0", "objective": "kl", "loss_agg": "sum", "warmup": "-1", "decay": "-1", "grad_clip": "0",
-    "chunk_size": "-8", "length_groups": "0", "ref_kl": "-0.1", "sft_coef": "nan", "trunc_weight": "2",
-    "overlong_buffer": "49", "adv_regulation": "tanh", "adv_clip": "0", "rep_penalty": "0", "rep_window": "0",
-    "rep_tau": "-1", "alert_max_len": "-1", "alert_trunc": "1.2", "alert_rep": "-0.5", "alert_growth": "0",
-    "alert_patience": "0", "eval_every": "0", "eval_size": "0", "log_samples_every": "-1", "threads": "0", "save_every": "-1",
-    "teacher": "some/path", "student": "some/path",             # each without the other
-    "top_k": "0", "seq_kd_coef": "-1", "seq_kd_samples": "129", "seq_kd_temperature": "0", "prefix_len": "49",
-    "iw_gamma": "-0.5", "teacher_format": "chat", "log_every": "0", "guard_fix": "stable",
-}
-
-
-def test_every_numeric_or_choice_flag_has_a_bad_value():
-    numeric = {f.name for f in opd.flag_fields() if f.type in ("int", "float")}
-    choice = {"methods", "device", "objective", "loss_agg", "adv_regulation", "teacher_format", "guard_fix"}
-    assert numeric | choice <= set(BAD_VALUES), sorted(numeric | choice - set(BAD_VALUES))
-
-
-@pytest.mark.parametrize("name", sorted(BAD_VALUES))
-def test_bad_flag_value_one_line_exit_2(name, capsys):
-    flag, value = "--" + name.replace("_", "-"), BAD_VALUES[name]
-    with pytest.raises(SystemExit) as e:
-        opd.parse_config([flag, value])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1, err
-    typ = {"int": int, "float": float, "str": str}[{f.name: f.type for f in opd.flag_fields()}[name]]
-    assert err.startswith(f"error: {flag} must be ") and err.rstrip().endswith(f"(got {typ(value)!r})"), err
-
-
-def test_bad_flag_through_the_command_line(tmp_path):
-    """As a new user types it: no traceback, one line on stderr, exit code 2, nothing built."""
-    r = cli("--temperature", "0", "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "r"), check=False)
-    assert r.returncode == 2 and r.stderr == "error: --temperature must be > 0 (sampling divides the logits by it) (got 0.0)\n"
-    assert not r.stdout and not (tmp_path / "cache").exists() and not (tmp_path / "r").exists()
-
-
-def test_unparsable_flag_value_one_line_exit_2(capsys):
-    with pytest.raises(SystemExit) as e:
-        opd.parse_config(["--lr", "abc"])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: argument --lr: invalid float value: 'abc'")
-
-
-def test_preset_combined_with_flags_is_validated(capsys):
-    base, _ = opd.parse_config(["--max-new-tokens", "8"])             # valid alone
-    with pytest.raises(SystemExit) as e:
-        opd.config_for(base, "overlong", 0)                           # the preset's buffer of 12 exceeds the budget of 8
-    assert e.value.code == 2 and "--overlong-buffer must be between 0 and --max-new-tokens (8) (got 12)" in capsys.readouterr().err
-
-
-def test_run_name_shared_by_several_runs_is_refused(capsys):
-    for argv in (["--methods", "opd,stable-opd", "--seeds", "1"], ["--methods", "opd", "--seeds", "2"]):
-        with pytest.raises(SystemExit) as e:
-            opd.parse_config([*argv, "--run-name", "x"])
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: --run-name must be empty"), err
-    cfg, _ = opd.parse_config(["--methods", "opd", "--seeds", "1", "--run-name", "x"])   # one run: fine
-    assert cfg.run_name == "x"
-
-
-def test_nan_loss_stops_cleanly_and_keeps_metrics(work, monkeypatch):
-    cfg = _tiny_cfg(work, run_name="nan")
-    opd.run_opd(cfg)                                            # a first, good run of the same name
-    good = (work / "inproc" / "nan" / "metrics.jsonl").read_text()
-    calls = {"n": 0}
-    real = opd.sampled_token_loss
-
-    def poisoned(adv, lp):
-        calls["n"] += 1
-        return real(adv, lp) * (float("nan") if calls["n"] == 3 else 1.0)
-
-    monkeypatch.setattr(opd, "sampled_token_loss", poisoned)
-    with pytest.raises(FloatingPointError, match="non-finite loss at step 2"):
-        opd.run_opd(cfg)
-    rows = opd.read_metrics(work / "inproc" / "nan" / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [0, 1]                  # every completed step, intact JSON
-    assert (work / "inproc" / "nan" / "metrics.prev.jsonl").read_text() == good   # the earlier run kept
-
-
-def test_a_damaged_shipped_file_stops_with_one_line(tmp_path, monkeypatch, capsys):
-    """A truncated pair/teacher/model.safetensors: one line naming the file and how to restore it,
-    exit code 2, before any loader runs."""
+def test_opd_py_alone_runs_next_to_pair_and_says_where_to_get_it(tmp_path):
+    """opd.py copied into an empty folder beside pair/ runs a short study with no other file of the
+    repository; without pair/ it stops with one line saying where to get the pair, exit code 2."""
     import shutil
-    shutil.copytree(HERE / "pair", tmp_path / "pair")
-    f = tmp_path / "pair" / "teacher" / "model.safetensors"
-    f.write_bytes(f.read_bytes()[:1000])
-    monkeypatch.setattr(opd, "SHIPPED", tmp_path / "pair")
-    with pytest.raises(SystemExit) as e:
-        opd.pair_folders(opd.Config())
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1, err
-    assert str(f) in err and "git checkout pair/" in err
-    monkeypatch.setattr(opd, "SHIPPED", HERE / "pair")
-    opd.check_shipped()                                              # the committed pair passes
-
+    for name in ("with", "without"):
+        (tmp_path / name).mkdir()
+        shutil.copy(HERE / "opd.py", tmp_path / name)
+    shutil.copytree(HERE / "pair", tmp_path / "with" / "pair", ignore=shutil.ignore_patterns("*.py"))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    args = [sys.executable, "opd.py", "--methods", "opd", "--seeds", "1", "--steps", "5", "--batch-size", "16",
+            "--eval-size", "16", "--eval-every", "5"]
+    r = subprocess.run(args, cwd=tmp_path / "with", capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(opd.read_metrics(tmp_path / "with" / "runs" / "opd-s0" / "metrics.jsonl")) == 6
+    assert (tmp_path / "with" / "runs" / "plots" / "results.md").exists()
+    r = subprocess.run(args, cwd=tmp_path / "without", capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "pair/build.py" in r.stderr, r.stderr
+    assert "no model pair at" in r.stderr and not r.stdout
 
 # ----------------------------------------------------------------------------- docs: what the tutorial and README show is what the code does
 
@@ -1686,46 +1484,60 @@ def tutorial_block(marker: str) -> str:
     return blocks[0]
 
 
-def test_tutorial_names_exist_in_opd():
+DOCS = ("README.md", "tutorial.md", "plots/README.md")
+FILES = ("opd.py", "studies/study.py", "pair/build.py", "peers/trl_opd.py", "real/plurals.py")
+
+
+def module_defs(path):
+    """The module-level functions and classes a file defines."""
+    return set(re.findall(r"^(?:def|class) (\w+)", (HERE / path).read_text(), re.M))
+
+
+def test_tutorial_names_exist_in_the_files():
     text = (HERE / "tutorial.md").read_text()
     names = set(re.findall(r"`([A-Za-z_][A-Za-z0-9_]*)\(\)`", text))
     assert len(names) >= 15
-    peers = set(re.findall(r"^(?:def|class) (\w+)", (HERE / "peers" / "trl_opd.py").read_text(), re.M))
-    missing = sorted(n for n in names if not hasattr(opd, n) and n not in peers)
-    assert not missing, f"tutorial.md names functions that neither opd.py nor peers/trl_opd.py defines: {missing}"
+    known = set().union(*map(module_defs, FILES))
+    missing = sorted(n for n in names if n not in known)
+    assert not missing, f"tutorial.md names functions that no file of the repository defines: {missing}"
 
 
 def test_documented_figures_and_tables_are_tracked():
-    """Every plots/ file the docs show or cite is in the repository (git ls-files): a figure
-    written but ignored or never added shows as a broken image on a fresh checkout."""
-    text = (HERE / "tutorial.md").read_text() + (HERE / "README.md").read_text()
-    cited = set(re.findall(r"plots/[\w/.-]+\.(?:png|csv|md)", text))
+    """Every plots/ file the docs show or cite is in the repository (git ls-files), and every committed
+    figure is shown in one of them: a figure written but ignored or never added shows as a broken image
+    on a fresh checkout, and one no document shows is noise."""
+    text = "".join((HERE / d).read_text() for d in DOCS).replace("](", "](plots/")
+    cited = set(re.findall(r"plots/[\w/.+-]+\.(?:png|csv|md)", text.replace("plots/plots/", "plots/")))
     assert {"plots/fig1_accuracy_length.png", "plots/all/ranking.png"} <= cited     # the pattern finds them
     import shutil
     if not (HERE / ".git").exists() or not shutil.which("git"):
         pytest.skip("not a git checkout")
     tracked = set(subprocess.run(["git", "ls-files", "plots"], cwd=HERE, capture_output=True, text=True).stdout.split())
     assert not cited - tracked, f"the docs cite files the repository lacks: {sorted(cited - tracked)}"
+    figures = {f for f in tracked if f.endswith(".png")}
+    assert not figures - cited, f"figures no document shows: {sorted(figures - cited)}"
 
 
 def test_documented_flags_exist():
-    text = (HERE / "tutorial.md").read_text() + (HERE / "README.md").read_text()
-    other = ("pip ", "accelerate launch", "trl_opd.py")            # lines with pip's, accelerate's or the peer script's flags
+    """Every --flag the docs name is one of opd.py's, or of the command on its line (pip, accelerate,
+    pair/build.py, peers/trl_opd.py)."""
+    text = "\n".join((HERE / d).read_text() for d in DOCS)
+    other = ("pip ", "accelerate launch", "trl_opd.py", "pair/build.py")
     text = "\n".join(l for l in text.splitlines() if not any(o in l for o in other))
     flags = set(re.findall(r"(?<![\w-])--([a-z][a-z0-9-]*)(?!\w)", text))
-    assert {"teacher-free-frac", "teacher-overrun-frac", "alert-patience"} <= flags  # the pattern finds them
-    known = {f.name.replace("_", "-") for f in opd.flag_fields()}
+    assert {"alert-patience", "methods", "teacher"} <= flags                       # the pattern finds them
+    known = {f.replace("_", "-") for f in FLAGS}
     assert not flags - known - {"help"}, f"the docs name flags opd.py lacks: {sorted(flags - known)}"
 
 
 def test_tutorial_monitor_snippet_runs():
-    """Section 3's snippet for other loops, as written there, on two steps of responses: the
+    """The monitor's snippet for other loops, as written in the tutorial, on two steps of responses: the
     second holds loops, and the repetition alert of the default thresholds fires on it."""
     import types
     block = tutorial_block("monitor = LengthMonitor(eos_id=tokenizer.eos_token_id")
     setup, per_step = block.split("# each step", 1)
     logged = []
-    ns = {"tokenizer": opd.build_tokenizer(), "max_new_tokens": 48,
+    ns = {"tokenizer": build.build_tokenizer(), "max_new_tokens": 48,
           "wandb": types.SimpleNamespace(log=lambda d, step: logged.append((step, d)))}
     exec(setup, ns)
     for step, loops in enumerate([0, 3, 3]):
@@ -1733,6 +1545,7 @@ def test_tutorial_monitor_snippet_runs():
         exec("# each step" + per_step, ns)
     assert [s for s, _ in logged] == [0, 1, 2] and logged[0][1]["rollout/len_mean"] == 4
     assert "rollout/alert/rep_rate" in logged[2][1] and "rollout/alert/rep_rate" not in logged[1][1]
+
 
 def doc_tables(text):
     """(marker, table) for every markdown table of a document: the HTML comment just above it."""
@@ -1750,40 +1563,36 @@ def doc_tables(text):
     return out
 
 
+def table_part(path, name: str) -> str:
+    """The table named `name` in a results.md (opd.write_results' format: '### name', a blank line)."""
+    text = Path(path).read_text()
+    return text[text.index(f"\n### {name}\n"):].split("\n\n")[1].strip("\n")
+
+
 def test_docs_tables_are_quoted_from_committed_results():
-    """Every table of README.md and tutorial.md is marked: `<!-- from plots/x/results.md#part -->`
-    tables are byte for byte that part of a committed file (written by the command the docs show),
-    and the others say what they are instead: `<!-- reference: ... -->` (settings, definitions)
-    or `<!-- history: ... -->` (measured at an earlier commit, kept as measured)."""
+    """Every table of the docs is marked: `<!-- from plots/x/results.md#part -->` tables are byte for byte
+    that part of a committed file (written by the command the docs show), and the others say what they
+    are instead: `<!-- reference: ... -->` (settings, definitions) or `<!-- history: ... -->` (measured at
+    an earlier commit, kept as measured)."""
     quoted = 0
-    for doc in ("README.md", "tutorial.md"):
+    for doc in DOCS:
         for marker, table in doc_tables((HERE / doc).read_text()):
             assert marker, f"{doc}: a table with no marker: {table.splitlines()[0]}"
-            m = re.match(r"<!-- from (plots/\S+/results\.md|plots/results\.md)#([\w-]+) -->", marker)
+            m = re.match(r"<!-- from (plots/\S*results\.md)#([\w-]+) -->", marker)
             if m is None:
                 assert marker.startswith(("<!-- reference: ", "<!-- history: ")), marker
                 continue
-            assert table == opd.table_part(HERE / m.group(1), m.group(2)), f"{doc}: {marker} differs"
+            assert table == table_part(HERE / m.group(1), m.group(2)), f"{doc}: {marker} differs"
             quoted += 1
     assert quoted >= 8
 
 
-def core_source():
-    """opd.py's text above the banner that ends OPD, and its module-level definitions there."""
+@pytest.mark.parametrize("path", FILES)
+def test_each_file_reads_top_down(path):
+    """In every file, a module-level function or class uses only module-level names defined above it
+    (imports and builtins aside): a reader never meets a name that comes later."""
     import ast
-    src = (HERE / "opd.py").read_text()
-    core = src[:src.index("#   OPD ends here")]
-    return src, core, ast.parse(src)
-
-
-def test_core_reads_top_down():
-    """In sections 1-6 a function or class uses only names defined above it (imports and builtins
-    aside); the loop, run_opd, comes last and alone names the machinery below the banner. The
-    machinery (validation, presets, checkpoints, tables, plots, the command line, the pair's
-    build) is below the banner."""
-    import ast
-    src, core, tree = core_source()
-    end = len(core.splitlines())
+    tree = ast.parse((HERE / path).read_text())
     defined = {}                                                     # name -> line of definition
     for node in tree.body:
         names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
@@ -1793,29 +1602,31 @@ def test_core_reads_top_down():
             defined.setdefault(n, node.lineno)
     late = []
     for node in tree.body:
-        if node.lineno > end or not isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+        if not isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.Assign, ast.AnnAssign)):
             continue
         used = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
         local = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)} | \
             {a.arg for n in ast.walk(node) if isinstance(n, ast.arguments) for a in n.args + n.kwonlyargs}
         for name in (used - local) & set(defined):
-            if defined[name] > node.lineno and (node.name != "run_opd" or defined[name] < end):
-                late.append(f"{node.name} uses {name}, defined at line {defined[name]}")
+            if defined[name] > node.lineno:
+                late.append(f"line {node.lineno} uses {name}, defined at line {defined[name]}")
     assert not late, late
-    core_defs = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.lineno < end]
-    assert core_defs[-1] == "run_opd"
-    for name in ("validate_config", "parse_config", "config_for", "METHODS", "RunLog", "save_checkpoint",
-                 "load_checkpoint", "signal_table", "write_results", "plot_study", "summarize",
-                 "load_pretrained", "train_supervised", "build_default_pair", "loop_eos_profile",
-                 "pretraining_mix", "model_key", "check_shipped"):
-        assert defined[name] > end, name
-    run_opd = [n for n in tree.body if getattr(n, "name", "") == "run_opd"][0]
-    assert run_opd.end_lineno - run_opd.lineno + 1 <= 100
 
 
-def test_opd_py_lines_fit_in_100_characters():
-    long = [i for i, l in enumerate((HERE / "opd.py").read_text().splitlines(), 1)
-            if len(l) > 100 and "http" not in l]
+def test_opd_py_is_a_reference_first():
+    """The OPD core comes first and the machinery below one banner holds the study and the command
+    line only; the loop, run_opd, is the last function above it; the pair's build lives beside."""
+    src = (HERE / "opd.py").read_text()
+    core = src[:src.index("#   OPD ends here")]
+    assert re.findall(r"^def (\w+)", core, re.M)[-1] == "run_opd"
+    assert not {"build_tokenizer", "make_model", "train_supervised", "shape", "ranking_table"} & module_defs("opd.py")
+    fields = {f.name for f in opd.dataclasses.fields(opd.Config)}
+    assert not fields & {"pair_seed", "teacher_steps", "cache_dir", "methods", "seeds", "workers"}
+
+
+@pytest.mark.parametrize("path", ["opd.py", "studies/study.py", "pair/build.py"])
+def test_lines_fit_in_100_characters(path):
+    long = [i for i, l in enumerate((HERE / path).read_text().splitlines(), 1) if len(l) > 100 and "http" not in l]
     assert not long, long
 
 
@@ -1824,257 +1635,23 @@ def test_help_strings_say_what_and_why_not_what_a_run_measured():
     states a finding, and none holds a number other than its own default's digits."""
     words = re.compile(r"\b(measured|collapsed|inflated|learned|gave|reached|never|seed-dependent)\b", re.I)
     number = re.compile(r"\d+(?:\.\d+)?")
-    for f in opd.flag_fields():
+    for f in FLAGS.values():
         text = f.metadata["help"]
         assert not words.search(text), (f.name, text)
-        assert set(number.findall(text)) <= set(number.findall(repr(f.default))), (f.name, text)
+        assert set(number.findall(text)) <= set(number.findall(repr(f.default))) | {"0", "1"}, (f.name, text)
 
 
 def test_tutorial_sections_name_the_parts_of_opd_they_read():
-    """The tutorial follows a reader's order, not the file's: each numbered section opens with a
-    line naming the sections of opd.py it reads, by number and banner title, and together they
-    name every banner of opd.py."""
-    banners = dict(re.findall(r"^# (\d+)\. ([^:\n]+)", (HERE / "opd.py").read_text(), re.M))
-    assert list(banners) == [str(i) for i in range(1, 11)]
+    """The tutorial follows a reader's order, not the file's: each numbered section opens with a line
+    naming the parts of opd.py it reads by their banner titles, and together they name every banner."""
+    banners = re.findall(r"^# =+\n# ([A-Z][^:\n]+): ", (HERE / "opd.py").read_text(), re.M)
+    assert len(banners) >= 7, banners
     text = (HERE / "tutorial.md").read_text()
-    heads = re.findall(r"^## (\d+)\. .+\n\n> Reads `opd.py` ((?:.+\n>)*.+)", text, re.M)
-    assert [h[0] for h in heads] == [str(i) for i in range(1, 9)], [h[0] for h in heads]
+    heads = re.findall(r"^## (\d+)\. .+\n\n> Reads in `opd.py`: ((?:.+\n>)*.+)", text, re.M)
+    assert [h[0] for h in heads] == [str(i) for i in range(1, len(heads) + 1)] and len(heads) >= 7
     named = set()
     for _, line in heads:
-        for number, title in re.findall(r"(?:sections? |and |, )(\d+) \(([^)]+)\)", line.replace("\n>", "")):
-            assert banners[number].strip() == title.strip(), (number, title)
-            named.add(number)
+        for title in re.findall(r"\*([^*]+)\*", line.replace("\n>", " ")):
+            assert title in banners, title
+            named.add(title)
     assert named == set(banners), set(banners) - named
-
-
-# ----------------------------------------------------------------------------- TRL (requirements-test.txt)
-
-def test_trl_distillation_trainer_recipe(real_pairs, tmp_path):
-    """The tutorial's MonitoredDistillationTrainer, exactly as written there, trains a tiny local
-    pair for 3 steps; the monitor's figures match TRL's own completion metrics step by step."""
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM
-    from trl import DistillationConfig
-    ns = {}
-    exec(tutorial_block("class MonitoredDistillationTrainer"), ns)
-    d, tok = real_pairs
-    tok = copy.deepcopy(tok)
-    tok.padding_side = "left"                                         # TRL generates from left-padded prompts
-    student, teacher = (AutoModelForCausalLM.from_pretrained(d / "llama" / r) for r in ("student", "teacher"))
-    prompts = Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in ["bada kelo mi", "zo ruka"] * 6])
-    args = DistillationConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, max_completion_length=6,
-                              logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, seed=0,
-                              beta=1.0, temperature=1.0, disable_tqdm=True)
-    trainer = ns["MonitoredDistillationTrainer"](model=student, teacher_model=teacher, args=args, train_dataset=prompts,
-                                                 processing_class=tok)
-    trainer.train()
-    logs = [h for h in trainer.state.log_history if "rollout/len_mean" in h]
-    assert len(logs) == 3 and len(trainer.length_monitor.history) == 3
-    for h in logs:
-        assert h["rollout/len_mean"] == pytest.approx(h["completions/mean_length"])
-        assert h["rollout/trunc_rate"] == pytest.approx(h["completions/clipped_ratio"])
-        assert math.isfinite(h["loss"]) and {"rollout/rep_rate", "rollout/growth"} <= set(h)
-
-
-def trl_opd():
-    """peers/trl_opd.py: StableOPDTrainer, GuardCallback and the settings of opd.py's loop in TRL."""
-    sys.path.insert(0, str(HERE / "peers"))
-    try:
-        import trl_opd as module
-    finally:
-        sys.path.pop(0)
-    return module
-
-
-def _tiny_trl(real_pairs, tmp_path, steps, batch, new_tokens, temperature=1.0, lr=1e-3, **kw):
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM
-    t = trl_opd()
-    d, tok = real_pairs
-    tok = copy.deepcopy(tok)
-    tok.padding_side = "left"                                         # TRL generates from left-padded prompts
-    student, teacher = (AutoModelForCausalLM.from_pretrained(d / "llama" / r) for r in ("student", "teacher"))
-    texts = ["bada kelo mi", "zo ruka", "tipa su nero", "ka"]
-    prompts = Dataset.from_list([{"prompt": [{"role": "user", "content": x}]} for x in texts] * (steps * batch))
-    gold = [{"prompt": "bada kelo mi", "answer": "sute"}, {"prompt": "zo ruka", "answer": "ma ne"}]
-    trainer = t.StableOPDTrainer(model=student, teacher_model=teacher, args=t.opd_args(
-        str(tmp_path), steps, batch, new_tokens, temperature, lr), train_dataset=prompts, processing_class=tok, gold=gold,
-        optimizers=t.opd_schedule(student, steps, lr, 2, 0.0), **kw)
-    return t, trainer, tok
-
-
-def test_stable_opd_trainer_loss_equals_opd_loss(real_pairs, tmp_path):
-    """StableOPDTrainer's loss on one batch of TRL's own rollouts = opd.opd_loss(objective="full") with
-    the same coefficients (reference KL, gold SFT and sequence-level KD on the teacher's samples), on
-    full-model forwards with opd.py's masks and positions: values and gradients."""
-    threads = torch.get_num_threads()
-    t, tr, tok = _tiny_trl(real_pairs, tmp_path, 1, 8, 8, temperature=1.3, ref_kl=0.5, sft_coef=0.7, seq_kd_coef=0.3)
-    torch.set_num_threads(threads)
-    torch.manual_seed(5)
-    with torch.no_grad():                                              # p_ref != p_S, or the KL term is 0
-        for p in tr.ref_model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    eos = tok.eos_token_id
-    bump = torch.zeros(len(tok))
-    bump[eos] = 9.0                                                    # a random teacher that stops now and then
-    hook = tr.teacher_model.get_output_embeddings().register_forward_hook(lambda m, i, o: o + bump)
-    tr.model.train()
-    inputs = tr._prepare_inputs([tr.train_dataset[i] for i in range(8)])   # TRL's rollouts, padding and mask
-    params = [p for p in tr.model.parameters() if p.requires_grad]
-    gold_state, teacher_state = tr.gold_rng.getstate(), tr.teacher_gen.get_state()
-    loss = tr.compute_loss(tr.model, inputs)
-    g_trl = torch.autograd.grad(loss, params)
-    tokens = inputs["completion_ids"]
-    P, ids = inputs["prompt_ids"].shape[1], torch.cat([inputs["prompt_ids"], tokens], 1)
-    attn = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
-    assert torch.equal(opd.response_mask(tokens, eos)[0], inputs["completion_mask"].float())
-
-    g = torch.Generator()
-    g.set_state(teacher_state)
-    p_ids, p_mask = inputs["prompt_ids"], inputs["prompt_mask"]
-    resp, kept = opd.teacher_samples(tr.teacher_model, p_ids, p_mask, 8, eos, tok.pad_token_id, 1.3, g)
-    assert 0 < kept.sum() < 8                                          # some of the teacher's samples stop
-    seq_kd = opd.sequence_nll(tr.model, p_ids[kept], p_mask[kept], resp[kept], eos)
-    hook.remove()                        # TRL's KL term projects the teacher's hidden states itself
-
-    def lsm(m):
-        logits = m(input_ids=ids, attention_mask=attn, position_ids=opd.position_ids(attn)).logits
-        return F.log_softmax(logits[:, P - 1:-1].float() / 1.3, -1)                              # (B, K, V)
-    s_lsm = lsm(tr.model)
-    with torch.no_grad():
-        t_lsm, r_lsm = lsm(tr.teacher_model), lsm(tr.ref_model)
-    tr.gold_rng.setstate(gold_state)
-    gold = [tr.gold_rng.choice(tr.gold) for _ in range(8)]
-    y = tokens[..., None]
-    ref, _ = opd.opd_loss(s_lsm.gather(-1, y).squeeze(-1), t_lsm.gather(-1, y).squeeze(-1), tokens, eos,
-                          opd.LossSettings(objective="full", ref_kl=0.5, sft_coef=0.7, seq_kd_coef=0.3),
-                          kl=opd.full_vocab_reverse_kl(s_lsm, t_lsm), kl_ref=opd.reference_kl(s_lsm, r_lsm),
-                          sft=opd.sft_nll(tr.model, tok, gold), seq_kd=seq_kd)
-    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
-    for a, b in zip(g_trl, torch.autograd.grad(ref, params)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-
-
-def test_guard_callback_restores_on_the_first_alert(real_pairs, tmp_path):
-    """An alert forced on every step (patience 7): the guard acts at step 6, after the copy of step 5,
-    restores that student and switches Stable-OPD on, as opd.py's --guard does."""
-    from transformers import TrainerCallback
-    steps, threads = 9, torch.get_num_threads()
-    t, tr, _ = _tiny_trl(real_pairs, tmp_path, steps, 4, 6, lr=1e-2, monitor_kw=dict(rep=-1.0, patience=7))
-    torch.set_num_threads(threads)
-    after = {}
-
-    class Record(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            after[state.global_step - 1] = copy.deepcopy(tr.model.state_dict())
-
-    guard = t.GuardCallback(tr)
-    tr.add_callback(guard)
-    tr.add_callback(Record())
-    tr.train()
-    same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)
-    assert guard.guard.acted and guard.guard.saved["step"] == 5
-    assert same(after[6], after[5]) and not any(same(after[i], after[5]) for i in range(5))
-    assert (tr.ref_kl, tr.sft_coef) == (opd.STABLE_OPD["ref_kl"], opd.STABLE_OPD["sft_coef"])
-    logs = {h["step"]: h for h in tr.state.log_history if "loss" in h}
-    assert logs[7].get("guard/acted") == 1.0 and "loss/sft" in logs[8] and "loss/sft" not in logs[7]
-
-
-DDP_DRIVER = """
-import json, os, sys, torch
-torch.set_num_threads(1)
-sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], "peers")]
-import opd, trl_opd
-from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer
-d, out = sys.argv[2], sys.argv[3]
-tok = AutoTokenizer.from_pretrained(d + "/student", padding_side="left")
-student, teacher = (AutoModelForCausalLM.from_pretrained(d + "/" + r) for r in ("student", "teacher"))
-world = int(os.environ.get("WORLD_SIZE", 1))
-texts = ["bada kelo mi", "zo ruka", "tipa su nero", "ka", "mi zo", "ruka bada", "nero su", "kelo"]
-args = trl_opd.opd_args(out + "/t", steps=3, batch_size=8, max_new_tokens=6, processes=world)
-args.generation_kwargs = {"do_sample": False}          # greedy: the same completions however the batch is split
-tr = trl_opd.StableOPDTrainer(model=student, teacher_model=teacher, args=args, processing_class=tok,
-                              train_dataset=Dataset.from_list([{"prompt": [{"role": "user", "content": x}]} for x in texts * 3]),
-                              gold=[{"prompt": "zo ruka", "answer": "ma ne"}] * 8, ref_kl=0.05, sft_coef=0.5,
-                              optimizers=trl_opd.opd_schedule(student, 3, 1e-2, 1, 0.0))
-tr.train()
-if tr.accelerator.is_main_process:
-    json.dump({"processes": tr.accelerator.num_processes, "loss": [h["loss"] for h in tr.state.log_history if "loss" in h],
-               "seen": [h["rollout/len_mean"] for h in tr.state.log_history if "loss" in h],
-               "params": [p.detach().double().sum().item() for p in tr.model.parameters()]}, open(out + "/r.json", "w"))
-tr.accelerator.wait_for_everyone()
-if torch.distributed.is_initialized():      # leave gloo before exit: its threads abort a process that exits mid-teardown
-    torch.distributed.destroy_process_group()
-"""
-
-
-def _free_port() -> int:
-    """A TCP port no process is listening on now, for the launcher's rendezvous."""
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.mark.skipif(os.environ.get("OPD_SKIP_DDP") == "1", reason="OPD_SKIP_DDP=1")
-def test_two_processes_train_like_one(real_pairs, tmp_path):
-    """The recipe under `accelerate launch --num_processes 2` on CPU (gloo): with greedy rollouts (the
-    same completions however the batch of 8 is split), the logged losses, the monitor's figures (it
-    reads both processes' rollouts) and the weights after 3 steps equal a one-process run's, to float32
-    summation order (rel 1e-5)."""
-    d, _ = real_pairs
-    (tmp_path / "driver.py").write_text(DDP_DRIVER)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    runs = {}
-    for n in (1, 2):
-        out = tmp_path / f"p{n}"
-        out.mkdir()
-        launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-                  str(_free_port())] if n == 2 else [sys.executable]
-        r = subprocess.run([*launch, str(tmp_path / "driver.py"), str(HERE), str(d / "llama"), str(out)],
-                           capture_output=True, text=True, env=env, timeout=300)
-        assert r.returncode == 0, r.stderr[-3000:]
-        runs[n] = json.loads((out / "r.json").read_text())
-    assert len(runs[1]["loss"]) == 3 and (runs[1]["processes"], runs[2]["processes"]) == (1, 2)
-    for k in ("loss", "seen", "params"):
-        assert runs[2][k] == pytest.approx(runs[1][k], rel=1e-5, abs=1e-6), k
-        rel = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(runs[2][k], runs[1][k]))
-        print(f"two processes vs one, {k}: largest relative difference {rel:.1e}")   # pytest -s shows it
-
-
-def test_tutorial_shows_the_trl_recipe_as_in_the_file():
-    src = (HERE / "peers" / "trl_opd.py").read_text()
-    recipe = src[src.index("class StableOPDTrainer"):src.index("# --- end of the recipe")].strip()
-    assert recipe in tutorial_block("class StableOPDTrainer(DistillationTrainer)")
-
-
-@given(logits_pair(max_b=3, max_t=6, max_v=10), st.floats(0.5, 2.0), st.integers(0, 99))
-def test_trl_reverse_kl_equals_full_vocab_loss(pair, temperature, seed):
-    """opd's full-vocabulary reverse KL with token-mean = TRL's generalized_jsd_loss(beta=1) (the GKD
-    trainer's loss) and the chunked loss DistillationTrainer trains with: values and gradients."""
-    from trl.experimental.gkd import GKDTrainer
-    from trl.trainer.distillation_trainer import _chunked_divergence_loss
-    a, b = pair
-    g = torch.Generator().manual_seed(seed)
-    mask = (torch.rand(a.shape[:2], generator=g) < 0.7).double()
-    mask[0, 0] = 1.0                                                   # at least one real token
-    labels = torch.where(mask.bool(), 0, -100)
-
-    def grad_of(loss_fn):
-        x = a.clone().requires_grad_(True)
-        loss = loss_fn(x)
-        return loss.detach(), torch.autograd.grad(loss, x)[0]
-
-    ours = grad_of(lambda x: opd.aggregate_loss(opd.full_vocab_reverse_kl(F.log_softmax(x / temperature, -1),
-                                                                           F.log_softmax(b / temperature, -1)), mask, "token-mean"))
-    gkd = grad_of(lambda x: GKDTrainer.generalized_jsd_loss(x, b, labels, beta=1.0, temperature=temperature))
-    for o, t in zip(ours, gkd):
-        torch.testing.assert_close(o, t)
-    # DistillationTrainer projects hidden states through the heads itself (identity heads here, so the
-    # logits are a and b) and computes in float32
-    eye = torch.eye(a.shape[-1], dtype=torch.float64)
-    dist = grad_of(lambda x: _chunked_divergence_loss(x, b, eye, eye, mask, beta=1.0, temperature=temperature)[0])
-    for o, t in zip(ours, dist):
-        torch.testing.assert_close(o, t.double(), rtol=1e-4, atol=1e-5)

@@ -7,9 +7,9 @@ own trainer on opd.py's default pair, with the settings of opd.py's loop (tutori
     python peers/trl_opd.py --method trl-guard --seed 0      # the same + the guard (GuardCallback)
     OMP_NUM_THREADS=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \\
         --dynamo_backend no peers/trl_opd.py --method trl-stable --steps 4 --batch-size 16      # two CPU processes
-    python peers/trl_opd.py --report plots/peers runs-trl/trl-s0 runs-all/full-vocab-s0 ...  # table and figures
+    python peers/trl_opd.py --report plots/peers runs-trl/trl-s0 runs-all/full-vocab-s0 ...  # table and figure
 
-Each run writes <out-dir>/<method>-s<seed>/metrics.jsonl in opd.py's format (opd.summarize reads it):
+Each run writes <out-dir>/<method>-s<seed>/metrics.jsonl in opd.py's format (the studies read it):
 the monitor's rollout/* figures every step and opd.evaluate's held-out accuracy every --eval-every steps.
 Checked with trl 1.16.0 and transformers 5.24.0 (requirements-test.txt); TRL is not needed by opd.py.
 """
@@ -28,8 +28,9 @@ from accelerate.utils import gather_object
 from transformers import GenerationConfig, TrainerCallback
 from trl import DistillationConfig, DistillationTrainer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent.parent / "studies")]
 import opd  # noqa: E402
+import study  # noqa: E402
 
 
 # --- the recipe (tutorial, section 5): TRL's OPD + opd.py's Stable-OPD terms and monitor
@@ -173,20 +174,17 @@ class MetricsLog(TrainerCallback):
         self.write({"step": state.global_step, **self.held_out()})
 
 
-HEAD = ["trl", "trl-stable", "trl-seq-kd", "opd.py full-vocab"]          # Fig. 1: TRL's runs, this loop's loss
-
-
 def peer_report(out, folders):
-    """The peer check's table (results.md, results.csv) and figures from run folders <method>-s<seed>:
-    TRL's runs under their own names, opd.py's prefixed "opd.py"."""
+    """The peer check's tables (results.md, results.csv, with shape()'s verdicts) and figure from run
+    folders <method>-s<seed>: TRL's runs under their own names, opd.py's prefixed "opd.py"."""
     results = []
     for folder in map(Path, folders):
         m, s = folder.name.rsplit("-s", 1)
         results.append((m if m.startswith("trl") else f"opd.py {m}", int(s), opd.read_metrics(folder / "metrics.jsonl")))
-    rows = [opd.summarize(m, s, r) for m, s, r in results]
-    opd.write_results(rows, Path(out), {"runs": opd.runs_table(rows), "summary": opd.summary_table(rows)},
+    rows = [study.summarize(m, s, r) for m, s, r in results]
+    opd.write_results(rows, Path(out), {"runs": study.runs_table(rows), "summary": opd.summary_table(rows)},
                       f"`python peers/trl_opd.py --report {out} {' '.join(map(str, folders))}`")
-    opd.plot_study(results, Path(out), head=[m for m in HEAD if any(r[0] == m for r in results)])
+    opd.plot_runs(results, Path(out) / "fig1_accuracy_length.png")
 
 
 def main(argv=None):
@@ -206,7 +204,7 @@ def main(argv=None):
     cfg = opd.Config(seed=a.seed, steps=a.steps, batch_size=a.batch_size)
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    t_path, s_path = opd.pair_folders(cfg)
+    t_path, s_path = opd.default_pair()
     tok = AutoTokenizer.from_pretrained(s_path)
     student = AutoModelForCausalLM.from_pretrained(s_path, dtype=torch.float32)
     teacher = AutoModelForCausalLM.from_pretrained(t_path, dtype=torch.float32)

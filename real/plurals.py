@@ -1,14 +1,18 @@
-"""The real-model study's data: "What is the plural of "X"?" for a chat model, a teacher context of
-worked examples, and a check of how much the context helps the model (tutorial, section 6).
+"""The real-model study's data and models: "What is the plural of "X"?" for a chat model
+(tutorial, real models).
 
-    python real/plurals.py files real/data                  # prompts.jsonl (128 nouns held out), context.json
-    python real/plurals.py check MODEL real/data            # the model bare and with the context, greedy and T=1
+    python real/plurals.py files real/data              # prompts.jsonl (128 nouns held out), context.json
+    python real/plurals.py models GGUF real/smollm2     # real/smollm2/chat and real/smollm2/plain
+    python real/plurals.py preflight STUDENT TEACHER real/data     # the teacher's grades, both renderings
+    python real/plurals.py check MODEL real/data        # the model bare and after the worked examples
 
-MODEL is a .gguf file, a save_pretrained folder or a hub id (anything opd.load_pretrained takes).
-The teacher is MODEL with the context; the student is MODEL without it (on-policy context
-distillation). A response is correct when it stops and the first word after " is " is the
-plural asked for ("accept" regex per row); the "answer" field, the reference sentence in the
-context's style, serves Stable-OPD's SFT term.
+`models` dequantizes a .gguf file (llama.cpp's format; needs gguf and accelerate, see
+requirements-test.txt) into two save_pretrained folders with the same weights: chat/, the model as
+shipped, and plain/, its tokenizer without a chat template, so a teacher loaded from it reads each
+prompt as plain text, the prompt and a newline: the format mismatch of the study. A response is
+correct when it stops and the first word after " is " is the plural asked for ("accept" regex per
+row); the "answer" field, the reference sentence in the context's style, serves Stable-OPD's SFT
+term. context.json holds worked examples, for `check` (how much they help the model).
 """
 import json
 import random
@@ -86,12 +90,60 @@ def write_files(out: Path, n_eval: int = 128, seed: int = 0):
           f"{len(CONTEXT_NOUNS)} worked examples")
 
 
+def models(gguf_file: str, out: Path):
+    """OUT/chat and OUT/plain from a .gguf file: the same float32 weights, and the tokenizer with
+    and without its chat template. transformers dequantizes the file; the model is rebuilt unmarked,
+    as save_pretrained refuses one marked "quantized with gguf"."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    where, name = str(Path(gguf_file).parent), Path(gguf_file).name
+    try:
+        tok = AutoTokenizer.from_pretrained(where, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=opd.torch.float32)
+    except (OSError, ValueError, ImportError) as e:
+        opd.fail(f"could not load {gguf_file!r}: {str(e).splitlines()[0]} (a .gguf file needs pip install "
+                 "gguf==0.19.0 accelerate==1.15.0)")
+    del loaded.config.quantization_config
+    model = AutoModelForCausalLM.from_config(loaded.config, dtype=loaded.dtype)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    for kind in ("chat", "plain"):
+        model.save_pretrained(out / kind)
+        if kind == "plain":
+            tok.chat_template = None
+        tok.save_pretrained(out / kind)
+    print(f"{out}/chat and {out}/plain: {sum(p.numel() for p in model.parameters()):,} parameters each")
+
+
+@opd.torch.no_grad()
+def rendering_gap(student: str, teacher: str, data: Path, n: int = 8, max_new_tokens: int = 64):
+    """Pre-flight: the teacher's mean log-prob per token of the student's greedy answers to the first `n`
+    held-out prompts, after the student's rendering of each prompt and after the teacher's own: what a
+    format mismatch does to the teacher's grades before any step."""
+    torch, F = opd.torch, opd.F
+    tok_s, model_s = opd.load_pretrained(student, "cpu")
+    tok_t, model_t = opd.load_pretrained(teacher, "cpu")
+    texts = [r["prompt"] for r in opd.read_prompts(str(data / "prompts.jsonl")) if r["split"] == "eval"][:n]
+    p_ids, p_attn = opd.encode_batch(tok_s, texts)
+    resp = opd.sample_rollouts(model_s, p_ids, p_attn, max_new_tokens, tok_s.eos_token_id, tok_s.pad_token_id,
+                               greedy=True)                                               # (n, T)
+    mask = opd.response_mask(resp, tok_s.eos_token_id)[0]                                 # (n, T)
+    out = []
+    for ids, attn in ((p_ids, p_attn), opd.encode_batch(tok_t, texts, pad=tok_s.pad_token_id)):
+        h = opd.response_hidden_states(model_t, torch.cat([ids, resp], 1), torch.cat([attn, mask.long()], 1),
+                                       ids.shape[1])                                      # (n, T, H)
+        lp = F.log_softmax(model_t.get_output_embeddings()(h).float(), -1).gather(-1, resp[..., None]).squeeze(-1)
+        out.append(((lp * mask).sum() / mask.sum()).item())
+    print(f"the teacher's mean log-prob of {n} greedy answers of the student: {out[0]:.3f} per token after "
+          f"the student's rendering, {out[1]:.3f} after its own")
+    return out
+
+
 def check(model_path: str, data: Path, max_new_tokens: int = 40, threads: int = 1):
     """The model on the held-out nouns, bare and after the context: greedy and at temperature 1."""
     opd.torch.set_num_threads(threads)
     tok, model = opd.load_pretrained(model_path, "cpu")
     held = [r for r in opd.read_prompts(str(data / "prompts.jsonl")) if r["split"] == "eval"]
-    ctx = opd.read_context(str(data / "context.json"))
+    ctx = json.loads((data / "context.json").read_text())
     print("| prompt | greedy acc | greedy length | greedy trunc | T=1 acc |")
     print("|---|---|---|---|---|")
     for name, c in (("bare", ()), ("worked examples first", ctx)):
@@ -106,5 +158,9 @@ if __name__ == "__main__":
         write_files(Path(sys.argv[2]))
     elif len(sys.argv) == 4 and sys.argv[1] == "check":
         check(sys.argv[2], Path(sys.argv[3]))
+    elif len(sys.argv) == 4 and sys.argv[1] == "models":
+        models(sys.argv[2], Path(sys.argv[3]))
+    elif len(sys.argv) == 5 and sys.argv[1] == "preflight":
+        rendering_gap(sys.argv[2], sys.argv[3], Path(sys.argv[4]))
     else:
         raise SystemExit(__doc__)

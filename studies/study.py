@@ -9,12 +9,14 @@ checked by the tests) and OUT/results.csv (a row per run).
     python studies/study.py signals OUT FOLDER...    # which warning signal comes first
     python studies/study.py builds OUT FOLDER...     # independent builds of the pair
     python studies/study.py memory OUT               # the chunked loss's memory
+    python studies/study.py ranking OUT              # ranking.png again from OUT/results.csv
 
 FOLDER is a run folder (holding metrics.jsonl) or a folder of them (<method>-s<seed>).
 `compare` takes opd.py's flags after OUT and runs every preset (--methods all) by default.
 """
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -226,39 +228,52 @@ GROUPS = {True: ("needs gold data", "#0072B2"), False: ("needs none", "#E69F00")
 
 
 def plot_ranking(rows, out: Path):
-    """Each method's final held-out accuracy, a dot per seed, in the ranking table's order (worst
-    seed first, best at the top), coloured by whether the fix needs gold data; plain OPD's mean
-    peak and step 0 as lines. The lower panel stretches the top of the axis, where the best
-    methods are, so that their seeds do not sit on each other."""
+    """Each method's final held-out accuracy, a dot per seed, in the ranking table's order (the worst
+    seed first; best at the top), coloured by whether the fix needs gold data, with plain OPD's mean
+    peak and step 0 as lines. The right panel zooms on the methods whose worst seed ended above
+    plain OPD's mean peak less 0.05, where the best fixes' seeds would sit on each other."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    finals = {m: [r["acc_final"] for r in rows if r["method"] == m] for m in methods}
-    methods.sort(key=lambda m: (min(finals[m]), statistics.mean(finals[m])))   # best at the top
-    fig, ax = plt.subplots(figsize=(8, 0.3 * len(methods) + 1.5))
-    for y, m in enumerate(methods):
-        gold = needs_gold(m) if m in opd.METHODS else False
-        ax.plot([min(finals[m]), max(finals[m])], [y, y], color=GROUPS[gold][1], lw=1, zorder=2)
-        ax.scatter(finals[m], [y] * len(finals[m]), s=30, zorder=3, color=GROUPS[gold][1],
-                   edgecolors="white", linewidths=0.5)
-    ax.set_yticks(range(len(methods)), methods)
+    finals = {}
+    for r in rows:
+        finals.setdefault(r["method"], []).append(r["acc_final"])
+    methods = sorted(finals, key=lambda m: -min(finals[m]))           # ranking_table's order
+    peak = statistics.mean(r["acc_peak"] for r in rows if r["method"] == "opd")
     step0 = statistics.mean(r["acc_step0"] for r in rows)
-    ax.axvline(step0, color="gray", ls="--", lw=1, label=f"step 0 ({step0:.2f})")
-    peaks = [r["acc_peak"] for r in rows if r["method"] == "opd"]
-    if peaks:
-        ax.axvline(statistics.mean(peaks), color="black", ls=":", lw=1.2,
-                   label=f"plain OPD's mean peak ({statistics.mean(peaks):.2f})")
+    top = [m for m in methods if min(finals[m]) >= peak - 0.05]
+    fig, axes = plt.subplots(1, 2, figsize=(8, 0.3 * len(methods) + 1.6), width_ratios=[2, 1])
+    for ax, shown in zip(axes, (methods, top)):
+        for y, m in enumerate(reversed(shown)):
+            color = GROUPS[needs_gold(m) if m in opd.METHODS else False][1]
+            ax.plot([min(finals[m]), max(finals[m])], [y, y], color=color, lw=1, zorder=2)
+            ax.scatter(finals[m], [y] * len(finals[m]), s=30, zorder=3, color=color,
+                       edgecolors="white", linewidths=0.5)
+        ax.set_yticks(range(len(shown)), list(reversed(shown)))
+        ax.axvline(peak, color="black", ls=":", lw=1.2, label=f"plain OPD's mean peak ({peak:.2f})")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].axvline(step0, color="gray", ls="--", lw=1, label=f"step 0 ({step0:.2f})")
     for gold, (name, color) in GROUPS.items():
-        ax.scatter([], [], color=color, label=name)
+        axes[0].scatter([], [], color=color, label=name)
+    axes[0].set(xlim=(-0.02, 1.0), xlabel="final held-out accuracy, a dot per seed")
+    lo = min(min(finals[m]) for m in top)
+    axes[1].set(xlim=(min(lo, peak) - 0.02, max(max(v) for v in finals.values()) + 0.02),
+                xlabel="the best, zoomed")
+    axes[0].legend(loc="lower right", fontsize=8)
     n = max(len(v) for v in finals.values())
-    ax.set(xlim=(-0.02, 1.0), xlabel=f"final held-out accuracy (greedy), a dot per seed ({n} "
-           "seeds); ordered by the worst seed, best at the top")
-    ax.legend(loc="lower right", fontsize=8)
-    ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(f"Which fix to use: {n} seeds each, the worst seed first (best at the top)",
+                 fontsize=11)
     fig.tight_layout()
     fig.savefig(out / "ranking.png", dpi=100)
     plt.close(fig)
+
+
+def report_ranking(out):
+    """ranking.png again from OUT/results.csv alone (a committed comparison, no run folders)."""
+    with open(Path(out) / "results.csv") as f:
+        rows = [{**r, **{k: float(r[k]) for k in ("acc_step0", "acc_peak", "acc_final")}}
+                for r in csv.DictReader(f)]
+    plot_ranking(rows, Path(out))
 
 
 def compare(argv):
@@ -656,18 +671,18 @@ def report_memory(out):
 
 
 REPORTS = {"runs": report_runs, "collapse": report_collapse, "signals": report_signals,
-           "builds": report_builds, "memory": report_memory}
+           "builds": report_builds, "memory": report_memory, "ranking": report_ranking}
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["compare"] and len(argv) > 1:
         return compare(argv[1:])
-    counts = {"collapse": (3, 3), "memory": (2, 2)}
+    counts = {"collapse": (3, 3), "memory": (2, 2), "ranking": (2, 2)}
     lo, hi = counts.get(argv[0], (3, math.inf)) if argv and argv[0] in REPORTS else (1, 0)
     if not lo <= len(argv) <= hi:
         opd.fail("usage: python studies/study.py compare OUT [opd.py flags] | runs|signals|builds "
-                 "OUT FOLDER... | collapse OUT FOLDER | memory OUT (the docstring shows each)")
+                 "OUT FOLDER... | collapse OUT FOLDER | memory|ranking OUT (the docstring shows each)")
     return REPORTS[argv[0]](*argv[1:])
 
 

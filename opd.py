@@ -42,6 +42,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import multiprocessing as mp
 import os
 import random
 import re
@@ -755,7 +756,7 @@ class Config:
     run_name: str = _f("", "the folder of a command's one run; empty: <method>-s<seed>")
     log_every: int = _f(10, "a console line every N steps, and at every evaluation, alert and "
                         "guard action", neutral=True)
-    log_samples_every: int = _f(100, "print two decoded rollouts every N steps; 0: never",
+    log_samples_every: int = _f(100, "print two decoded rollouts every N steps; 0: none",
                                 neutral=True)
     save_every: int = _f(10, "write checkpoint.pt every N steps and at the end; 0: never (it "
                          "holds AdamW's moments: raise N for real models)", neutral=True)
@@ -1523,8 +1524,9 @@ def plot_runs(results, path: Path, smooth: int = 1, title: str = ""):
             tr = [(r["step"], r["rollout/trunc_rate"]) for r in rows if "rollout/trunc_rate" in r]
             smoothed = [mean([v for _, v in tr[max(0, i + 1 - smooth):i + 1]])
                         for i in range(len(tr))]
-            left.plot(*zip(*ev), color=COLORS.get(m, "#56B4E9"), lw=1.3, alpha=0.8)
-            right.plot([s for s, _ in tr], smoothed, color=COLORS.get(m, "#56B4E9"), lw=1.3, alpha=0.8)
+            color = COLORS.get(m, "#56B4E9")
+            left.plot(*zip(*ev), color=color, lw=1.3, alpha=0.8)
+            right.plot([s for s, _ in tr], smoothed, color=color, lw=1.3, alpha=0.8)
             right.plot([r["step"] for r in rows if r.get("guard/acted")],
                        [1.0 for r in rows if r.get("guard/acted")], "v", color="black", ms=6)
         left.set_ylabel(m, color=COLORS.get(m, "#56B4E9"), fontsize=11, fontweight="bold")

@@ -1194,6 +1194,31 @@ def test_lr_factor_is_warmup_stable_decay(steps, warmup, decay):
     assert f[-1] <= 1 / max(d, 1) + 1e-12 if d else f[-1] == min(1.0, steps / max(warmup, 1))
 
 
+def test_plurals_models_turn_a_gguf_file_into_the_two_folders(tmp_path):
+    """real/plurals.py models: a .gguf file (a small Llama and its BPE tokenizer, written with the
+    gguf package's writer) becomes chat/ and plain/, the same weights and logits as the model written,
+    the same encodings, and a chat template in chat/ only (test_teacher_without_a_chat_template_reads_
+    plain_text runs such a pair)."""
+    pytest.importorskip("gguf", reason="optional: pip install -r requirements-test.txt")
+    sys.path.insert(0, str(HERE / "real"))
+    try:
+        import plurals
+    finally:
+        sys.path.pop(0)
+    tok = bpe_tokenizer(vocab=2_000)
+    torch.manual_seed(0)
+    model = build.make_model(tok, 2, 32).eval()
+    write_gguf(model, tok, tmp_path / "tiny.gguf")
+    plurals.models(str(tmp_path / "tiny.gguf"), tmp_path / "m")
+    text, ids = "bada kelo mi zo ruka", torch.tensor([tok("bada kelo mi zo ruka")["input_ids"]])
+    for kind in ("chat", "plain"):
+        t, m = opd.load_pretrained(str(tmp_path / "m" / kind), "cpu")
+        assert t(text)["input_ids"] == tok(text)["input_ids"] and t.eos_token_id == tok.eos_token_id
+        assert bool(t.chat_template) == (kind == "chat")
+        with torch.no_grad():
+            torch.testing.assert_close(m.eval()(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+
+
 def test_rollout_metrics_on_hand_made_values():
     """Two rollouts of 26 tokens budget: one loops (its 24-token tail is repetitive) and one stops
     at token 3. The figures are the hand-computed means over the masked tokens."""
@@ -1410,6 +1435,17 @@ def test_cli_writes_every_documented_key(work):
     assert (work / "plots" / "results.csv").exists() and (work / "plots" / "fig1_accuracy_length.png").exists()
 
 
+def test_two_runs_in_two_processes(work, tmp_path):
+    """--workers 2: the runs go to a pool of two processes, each run's log equals the one it writes
+    alone, and the table has a line per run."""
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+    r = cli(*TINY, "--methods", "opd,sft-only", "--seeds", "1", "--workers", "2",      # the last --workers wins
+            "--out-dir", str(tmp_path / "runs"), "--plots-dir", str(tmp_path / "plots"))
+    assert "2 runs in 2 process(es)" in r.stdout and "2/2 runs done" in r.stdout
+    assert strip(rows_of(tmp_path / "runs", "opd-s0")) == strip(rows_of(work / "runs", "opd-s0"))
+    assert (tmp_path / "plots" / "results.md").read_text().count("seed 0 |") == 2
+
+
 def test_ctrl_c_names_the_resume_command(work, tmp_path):
     """SIGINT during a study: the message gives the command that continues it, and that command
     finishes the run from its checkpoint."""
@@ -1585,6 +1621,65 @@ def test_docs_tables_are_quoted_from_committed_results():
             assert table == table_part(HERE / m.group(1), m.group(2)), f"{doc}: {marker} differs"
             quoted += 1
     assert quoted >= 8
+
+
+# Numbers in the prose that no results file holds, each with its reason (at most 10)
+PROSE_EXEMPT = {
+    "0.3": "the take-off's threshold: a constant of opd.py (TAKEOFF), not a measurement",
+    "0.1": "the comparison's bar for 'held': truncation at most 0.1, a definition",
+    "0.05": "the right panel's margin under plain OPD's mean peak, a definition of the figure",
+}
+
+
+def prose_paragraphs(text):
+    """The paragraphs of a markdown text outside code blocks, tables and HTML comments, with inline
+    code, links and version numbers taken out (they are not measurements)."""
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    out = []
+    for par in re.split(r"\n\s*\n", text):
+        if par.lstrip().startswith(("|", "<!--", "#", "![")):
+            continue
+        par = re.sub(r"`[^`]*`|\]\([^)]*\)|arXiv \d+\.\d+|(?:TRL|trl|torch|transformers) \d+\.\d+(?:\.\d+)?", " ", par)
+        out.append(par)
+    return out
+
+
+def section(text, number):
+    """Tutorial section `number`, up to the next one."""
+    start = text.index(f"\n## {number}. ")
+    nxt = text.find(f"\n## {number + 1}. ", start)
+    return text[start:nxt if nxt > 0 else len(text)]
+
+
+def test_prose_numbers_come_from_the_files_their_paragraph_names():
+    """Every number with a decimal point or a percent sign in README.md and in the prose of the
+    tutorial's sections 1 and 5 appears, rounded, in a committed results file that its paragraph
+    names (or is one of PROSE_EXEMPT, each with its reason)."""
+    assert len(PROSE_EXEMPT) <= 10
+    tutorial = (HERE / "tutorial.md").read_text()
+    texts = {"README.md": (HERE / "README.md").read_text(), "tutorial.md, section 1": section(tutorial, 1),
+             "tutorial.md, section 5": section(tutorial, 5)}
+    checked, bad = 0, []
+    for where, text in texts.items():
+        for par in prose_paragraphs(text):
+            tokens = re.findall(r"(?<![\w.])(\d+\.\d+|\d+%)(?![\w])", par)
+            tokens = [t for t in tokens if t not in PROSE_EXEMPT]
+            if not tokens:
+                continue
+            files = set(re.findall(r"plots/[\w/.+-]*results\.(?:md|csv)", par))
+            values = []
+            for f in files:
+                values += [float(x) for x in re.findall(r"-?\d+\.\d+|-?\d+", (HERE / f).read_text())]
+            for t in tokens:
+                checked += 1
+                if t.endswith("%"):
+                    ok = any(round(100 * abs(v)) == int(t[:-1]) for v in values)
+                else:
+                    d = len(t.split(".")[1])
+                    ok = any(f"{abs(v):.{d}f}" == t for v in values)
+                if not ok:
+                    bad.append(f"{where}: {t} in a paragraph naming {sorted(files) or 'no file'}: {par[:80]!r}")
+    assert checked >= 20 and not bad, bad
 
 
 @pytest.mark.parametrize("path", FILES)

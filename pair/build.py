@@ -3,7 +3,7 @@ pattern, and a student that is an SFT checkpoint on the gold set. A build is jus
 it writes OUT/teacher and OUT/student with save_pretrained, and a run on it passes them.
 
     python pair/build.py OUT                     # the shipped pair's settings (~9 min, one core)
-    python pair/build.py OUT --pair-seed 1       # an independent build: other initial weights, data order
+    python pair/build.py OUT --pair-seed 1       # an independent build: other weights, data order
     python opd.py --teacher OUT/teacher --student OUT/student
 
 The weights depend on the CPU's instruction set and the thread count (builds run on one thread),

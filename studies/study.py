@@ -87,8 +87,10 @@ def summarize(method, seed, rows) -> dict:
     return {**row, "quiet_steps": quiet if quiet != "" else len(tr),
             "trunc_rate_step0": tr[0]["rollout/trunc_rate"],
             "trunc_rate_final": tr[-1]["rollout/trunc_rate"],
-            "len_mean_step0": tr[0]["rollout/len_mean"], "len_mean_final": tr[-1]["rollout/len_mean"],
-            "rep_rate_step0": tr[0]["rollout/rep_rate"], "rep_rate_final": tr[-1]["rollout/rep_rate"],
+            "len_mean_step0": tr[0]["rollout/len_mean"],
+            "len_mean_final": tr[-1]["rollout/len_mean"],
+            "rep_rate_step0": tr[0]["rollout/rep_rate"],
+            "rep_rate_final": tr[-1]["rollout/rep_rate"],
             "first_alert_step": alert,
             "alert_lead": takeoff - alert if takeoff != "" and alert != "" else "",
             "trunc_after_guard": max((r["rollout/trunc_rate"] for r in tr if r["step"] > guard),
@@ -128,9 +130,10 @@ def run_folders(folders):
     out = []
     for f in map(Path, folders):
         for d in ([f] if (f / "metrics.jsonl").exists() else sorted(f.glob("*-s*"))):
-            if (d / "metrics.jsonl").exists():
+            rows = read_metrics(d / "metrics.jsonl") if (d / "metrics.jsonl").exists() else []
+            if any("eval/accuracy" in r for r in rows):           # a run that has begun
                 method, seed = d.name.rsplit("-s", 1)
-                out.append((str(d), method, int(seed), opd.read_metrics(d / "metrics.jsonl")))
+                out.append((str(d), method, int(seed), rows))
     if not out:
         opd.fail(f"no run folder (with a metrics.jsonl) in {', '.join(map(str, folders))}")
     return out
@@ -228,10 +231,10 @@ GROUPS = {True: ("needs gold data", "#0072B2"), False: ("needs none", "#E69F00")
 
 
 def plot_ranking(rows, out: Path):
-    """Each method's final held-out accuracy, a dot per seed, in the ranking table's order (the worst
-    seed first; best at the top), coloured by whether the fix needs gold data, with plain OPD's mean
-    peak and step 0 as lines. The right panel zooms on the methods whose worst seed ended above
-    plain OPD's mean peak less 0.05, where the best fixes' seeds would sit on each other."""
+    """Each method's final held-out accuracy, a dot per seed, in the ranking table's order (the
+    worst seed first; best at the top), coloured by whether the fix needs gold data, with plain
+    OPD's mean peak and step 0 as lines. The right panel zooms on the methods whose worst seed
+    ended above plain OPD's mean peak less 0.05, where the best fixes' seeds would crowd."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -603,8 +606,8 @@ def report_builds(out, *folders):
     verdicts = dict.fromkeys(r["verdict"] for r in plain)
     held_ = (sum(r["trunc_rate_max"] <= 0.1 for r in stable),
              sum(r["acc_final"] > peak[r["pair_seed"]] for r in stable))
-    rate = opd.markdown(["builds", f"weak teachers (accuracy < {WEAK_ACCURACY}, or p(EOS) two repeats "
-                     f"deep > {WEAK_LOOP_EOS})", "plain OPD runs, by verdict",
+    rate = opd.markdown(["builds", f"weak teachers (accuracy < {WEAK_ACCURACY}, or p(EOS) two "
+                         f"repeats deep > {WEAK_LOOP_EOS})", "plain OPD runs, by verdict",
                      "`stable-opd`: truncation at most 0.1; final above the build's plain peak"],
                     [[len(lines), f"{weak} of {len(lines)}",
                       "; ".join(f"{v}: {sum(r['verdict'] == v for r in plain)} of {len(plain)}"
@@ -682,7 +685,7 @@ def main(argv=None):
     lo, hi = counts.get(argv[0], (3, math.inf)) if argv and argv[0] in REPORTS else (1, 0)
     if not lo <= len(argv) <= hi:
         opd.fail("usage: python studies/study.py compare OUT [opd.py flags] | runs|signals|builds "
-                 "OUT FOLDER... | collapse OUT FOLDER | memory|ranking OUT (the docstring shows each)")
+                 "OUT FOLDER... | collapse OUT FOLDER | memory|ranking OUT (see its docstring)")
     return REPORTS[argv[0]](*argv[1:])
 
 

@@ -1508,10 +1508,11 @@ def write_results(rows, out: Path, parts: dict, source: str):
 COLORS = {"opd": "#D55E00", "stable-opd": "#0072B2", "sft-only": "#999999",
           "opd+guard": "#CC79A7", "seq-kd": "#009E73", "iw-opd": "#E69F00", "control": "#000000"}
 
-def plot_runs(results, path: Path, smooth: int = 1, title: str = ""):
+def plot_runs(results, path: Path, smooth: int = 1, title: str = "", colors=None):
     """The study's figure: a row per method, held-out accuracy (left) and the share of rollouts
     truncated (right; the mean of the last `smooth` steps) against the step, a line per seed, so
     each seed's collapse shows where it happens; a triangle where the guard acted."""
+    colors = {**COLORS, **(colors or {})}
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1524,12 +1525,12 @@ def plot_runs(results, path: Path, smooth: int = 1, title: str = ""):
             tr = [(r["step"], r["rollout/trunc_rate"]) for r in rows if "rollout/trunc_rate" in r]
             smoothed = [mean([v for _, v in tr[max(0, i + 1 - smooth):i + 1]])
                         for i in range(len(tr))]
-            color = COLORS.get(m, "#56B4E9")
+            color = colors.get(m, "#56B4E9")
             left.plot(*zip(*ev), color=color, lw=1.3, alpha=0.8)
             right.plot([s for s, _ in tr], smoothed, color=color, lw=1.3, alpha=0.8)
             right.plot([r["step"] for r in rows if r.get("guard/acted")],
                        [1.0 for r in rows if r.get("guard/acted")], "v", color="black", ms=6)
-        left.set_ylabel(m, color=COLORS.get(m, "#56B4E9"), fontsize=11, fontweight="bold")
+        left.set_ylabel(m, color=colors.get(m, "#56B4E9"), fontsize=11, fontweight="bold")
     axes[0, 0].set_title("held-out accuracy (greedy), a line per seed", fontsize=10)
     axes[0, 1].set_title("share of rollouts truncated" + (f", mean of {smooth} steps" if smooth > 1
                                                           else "; \u25bc the guard acted"),

@@ -101,7 +101,7 @@ FLAGS=(--teacher "$WORK/teacher" --student "$WORK/student" --prompts "$WORK/prom
 echo "python3 opd.py ${FLAGS[*]}" | tee "$OUT/run.log"
 if "$PY" -c "import matplotlib" 2>/dev/null; then RUN=("$PY" opd.py)
 else   # only the study's figures need matplotlib: the same flags, in-process, without them
-  RUN=("$PY" -c "import sys, opd; c, g = opd.parse_config(sys.argv[1:]); opd.run_opd(opd.config_for(c, 'opd', c.seed, g), 'opd')")
+  RUN=("$PY" -c "import sys, opd; c, _, g = opd.parse_config(sys.argv[1:]); opd.run_opd(opd.config_for(c, 'opd', c.seed, g), 'opd')")
   echo "[check] no matplotlib here: running opd.run_opd() with the same flags, without the study's figures" | tee -a "$OUT/run.log"
 fi
 timeout $(( 330 - $(elapsed) )) "${RUN[@]}" "${FLAGS[@]}" 2>&1 | tee -a "$OUT/run.log"

@@ -438,12 +438,17 @@ def report_runs(out, *folders):
         parts["positions-late"] = position_table(labelled, last - 9, last + 1)
         parts["stops"] = stops_table(labelled)
         parts["stops-late"] = stops_table(labelled, last - 9, last + 1)
-    parts["time"] = time_table([(label, s, r) for label, _, s, r in runs])
+    parts["time"] = time_table([(label.rsplit("-s", 1)[0], s, r) for label, _, s, r in runs])
     write(out, rows, parts, f"python studies/study.py runs {out} {' '.join(folders)}")
-    groups = [str(Path(label).parent.name if len({m for _, m, _, _ in runs}) == 1 else m)
-              for label, m, _, _ in runs]
+    parents = {}                # a method found in one folder keeps its name; else its folder's
+    for label, m, _, _ in runs:
+        parents.setdefault(m, set()).add(Path(label).parent.name)
+    groups = [m if len(parents[m]) == 1 else Path(label).parent.name for label, m, _, _ in runs]
+    count = {g: groups.count(g) for g in groups}
     opd.plot_runs([(g, s, r) for g, (_, _, s, r) in zip(groups, runs)],
-                  Path(out) / "fig1_accuracy_length.png", smooth=5)
+                  Path(out) / "fig1_accuracy_length.png", smooth=5,
+                  title="seeds: " + ", ".join(f"{g} {n}" for g, n in count.items()),
+                  colors={"plain": opd.COLORS["opd"]})
 
 
 def report_collapse(out, folder):

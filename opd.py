@@ -758,7 +758,7 @@ class Config:
                         "guard action", neutral=True)
     log_samples_every: int = _f(100, "print two decoded rollouts every N steps; 0: none",
                                 neutral=True)
-    save_every: int = _f(10, "write checkpoint.pt every N steps and at the end; 0: never (it "
+    save_every: int = _f(10, "write checkpoint.pt every N steps and at the end; 0: off (it "
                          "holds AdamW's moments: raise N for real models)", neutral=True)
     resume: bool = _f(False, "go on from each run's checkpoint.pt (same flags; --steps may grow)",
                       neutral=True)

@@ -215,7 +215,7 @@ def main(argv=None):
     world = int(__import__("os").environ.get("WORLD_SIZE", 1))
     stable = {"trl-stable": opd.STABLE_OPD, "trl-seq-kd": opd.SEQ_KD}.get(a.method, {})
     trainer = StableOPDTrainer(model=student, teacher_model=teacher, args=opd_args(
-        f"{a.out_dir}/trainer", a.steps, a.batch_size, cfg.max_new_tokens, cfg.temperature, cfg.lr, a.seed, world),
+        f"{a.out_dir}/{a.method}-s{a.seed}/trainer", a.steps, a.batch_size, cfg.max_new_tokens, cfg.temperature, cfg.lr, a.seed, world),
         train_dataset=prompts, processing_class=tok, gold=task.gold_set(cfg.gold_size), **stable,
         optimizers=opd_schedule(student, a.steps, cfg.lr, cfg.warmup, cfg.decay))
     if a.method == "trl-guard":

@@ -1482,16 +1482,6 @@ def summary_table(rows, group=lambda r: r["method"]) -> str:
         lines.append([m, len(cols[0]), *[f"{mean(x):.2f} ± {std(x):.2f}" for x in cols]])
     return markdown(["method", "seeds", *TABLE_COLS], lines)
 
-def runs_table(rows) -> str:
-    """One line per run: how far it learned, when it took off, how it ended."""
-    return markdown(["run", "accuracy step 0 -> peak (step)", "take-off", "worst truncation",
-                     "final accuracy", "guard acted"],
-                    [[f"{r['method']}, seed {r['seed']}",
-                      f"{r['acc_step0']:.2f} -> {r['acc_peak']:.2f} ({r['acc_peak_step']})",
-                      r["takeoff_step"] if r["takeoff_step"] != "" else "none",
-                      f"{r['trunc_rate_max']:.2f}", f"{r['acc_final']:.2f}",
-                      r["guard_step"] if r["guard_step"] != "" else ""] for r in rows])
-
 def write_results(rows, out: Path, parts: dict, source: str):
     """results.csv (one row per run) and results.md (its named tables, each under '### name':
     the docs quote them, and a test checks that they match)."""
@@ -1561,8 +1551,7 @@ def run_study(base: Config, study: Study, given=frozenset()) -> list[dict]:
     out = plots_dir(base, study)
     command = " ".join(["python opd.py", *(f"--{k} {getattr(study, k)}" for k in
                                            ("methods", "seeds") if k in given)])
-    write_results(rows, out, {"summary": summary_table(rows), "runs": runs_table(rows)},
-                  f"`{command}`")
+    write_results(rows, out, {"summary": summary_table(rows)}, f"`{command}`")
     plot_runs(results, out / "fig1_accuracy_length.png")
     print(f"[study] table and figure in {out}/", flush=True)
     return rows

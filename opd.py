@@ -805,12 +805,17 @@ def check_values(values: dict) -> None:
         if name in CHOICES:
             ok, what = x in CHOICES[name], "one of " + ", ".join(CHOICES[name])
         elif isinstance(x, bool) or not isinstance(x, (int, float)):
-            continue
+            continue                                        # a switch or a path: nothing to check
+        elif name in POSITIVE:
+            ok, what = x > 0, "> 0"
+        elif name in AT_LEAST_ONE:
+            ok, what = x >= 1, ">= 1"
+        elif name in SHARES:
+            ok, what = 0 <= x <= 1, "between 0 and 1"
         else:
-            ok = math.isfinite(x) and (x > 0 if name in POSITIVE else x >= 1 if name in
-                                       AT_LEAST_ONE else 0 <= x <= 1 if name in SHARES else x >= 0)
-            what = "> 0" if name in POSITIVE else ">= 1" if name in AT_LEAST_ONE else \
-                "between 0 and 1" if name in SHARES else ">= 0"
+            ok, what = x >= 0, ">= 0"
+        if isinstance(x, float) and not math.isfinite(x):
+            ok, what = False, "a finite number"
         if not ok:
             fail(f"--{name.replace('_', '-')} must be {what} (got {x!r})")
 
@@ -1205,9 +1210,9 @@ class RunLog:
                      f"{m['rollout/trunc_rate']:.2f} rep {m['rollout/rep_rate']:.2f}"
                      f"{'' if acc is None else f' | held-out acc {acc:.3f}'} "
                      f"({clock_text(left)} left)")
-        for prompt, text in samples if cfg.log_samples_every and \
-                step % cfg.log_samples_every == 0 else ():
-            print(f"    {prompt!r} -> {text!r}", flush=True)
+        if cfg.log_samples_every and step % cfg.log_samples_every == 0:
+            for prompt, text in samples:
+                print(f"    {prompt!r} -> {text!r}", flush=True)
 
     def close(self, student, tokenizer) -> list[dict]:
         """Close the log, say where the time went, save the student if asked; returns every

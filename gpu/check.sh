@@ -144,7 +144,7 @@ summary = {"exit_code": int(os.environ["RC"]), "elapsed_s": int(os.environ["ELAP
            "build": open(f"{out}/build.log").read().splitlines()[:1],
            "eval_s": [r["time/eval_s"] for r in train if r.get("time/eval_s")],
            "checkpoint_gb": (lambda m: int(m[0]) / 1e9 if m else None)(re.findall(r" (\d+) \w+ +\d+ [\d:]+ \S*checkpoint.pt", log)),
-           "resumed": "resumed at step" in resume, "resume_ok": "resume exit code 0" in resume}
+           "resumed": "going on at step" in resume, "resume_ok": "resume exit code 0" in resume}
 json.dump(summary, open(f"{out}/summary.json", "w"), indent=1)
 print(f"{'step':>4} {'tokens':>7} {'trunc':>5} | {'rollout s':>9} {'tok/s':>8} | {'teacher s':>9} {'tok/s':>8} | {'update s':>8} {'tok/s':>8}")
 for s in per_step:

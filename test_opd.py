@@ -1637,15 +1637,15 @@ PROSE_EXEMPT = {
 
 
 def prose_paragraphs(text):
-    """The paragraphs of a markdown text outside code blocks, tables and HTML comments, with inline
-    code, links and version numbers taken out (they are not measurements)."""
+    """(paragraph, the same with inline code, links and version numbers taken out: they are not
+    measurements) for the paragraphs of a markdown text outside code blocks, tables and comments."""
     text = re.sub(r"```.*?```", "", text, flags=re.S)
     out = []
     for par in re.split(r"\n\s*\n", text):
         if par.lstrip().startswith(("|", "<!--", "#", "![")):
             continue
-        par = re.sub(r"`[^`]*`|\]\([^)]*\)|arXiv \d+\.\d+|(?:TRL|trl|torch|transformers) \d+\.\d+(?:\.\d+)?", " ", par)
-        out.append(par)
+        bare = re.sub(r"`[^`]*`|\]\([^)]*\)|arXiv \d+\.\d+|(?:TRL|trl|torch|transformers) \d+\.\d+(?:\.\d+)?", " ", par)
+        out.append((par, bare))
     return out
 
 
@@ -1666,8 +1666,8 @@ def test_prose_numbers_come_from_the_files_their_paragraph_names():
              "tutorial.md, section 5": section(tutorial, 5)}
     checked, bad = 0, []
     for where, text in texts.items():
-        for par in prose_paragraphs(text):
-            tokens = re.findall(r"(?<![\w.])(\d+\.\d+|\d+%)(?![\w])", par)
+        for par, bare in prose_paragraphs(text):
+            tokens = re.findall(r"(?<![\w.])(\d+\.\d+|\d+%)(?![\w])", bare)
             tokens = [t for t in tokens if t not in PROSE_EXEMPT]
             if not tokens:
                 continue
@@ -1685,6 +1685,15 @@ def test_prose_numbers_come_from_the_files_their_paragraph_names():
                 if not ok:
                     bad.append(f"{where}: {t} in a paragraph naming {sorted(files) or 'no file'}: {par[:80]!r}")
     assert checked >= 20 and not bad, bad
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_prose_lines_fit_in_100_characters(doc):
+    """Prose lines of the docs are at most 100 characters; tables, code blocks and images are not
+    prose."""
+    text = re.sub(r"```.*?```", "", (HERE / doc).read_text(), flags=re.S)
+    long = [l for l in text.splitlines() if len(l) > 100 and not l.startswith(("|", "<!--", "!["))]
+    assert not long, long
 
 
 @pytest.mark.parametrize("path", FILES)

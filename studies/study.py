@@ -115,14 +115,19 @@ def runs_table(rows, label=None) -> str:
 
 
 def time_table(results) -> str:
-    """Where each run's time went: seconds in each phase, summed over its steps (time/*)."""
+    """Where each run's time went: seconds in each phase, summed over its steps (time/*), and the
+    median seconds of a training step (rollout, teacher and update) and of an evaluation."""
     phases = ("rollout", "teacher", "update", "eval")
     lines = []
     for m, seed, rows in results:
         spent = [sum(r.get(f"time/{k}_s", 0.0) for r in rows) for k in phases]
-        lines.append([f"{m}, seed {seed}", *[f"{x:.0f} s" for x in spent], f"{sum(spent):.0f} s"])
+        steps = [sum(r[f"time/{k}_s"] for k in phases[:3]) for r in rows if "time/update_s" in r]
+        evals = [r["time/eval_s"] for r in rows if "time/eval_s" in r]
+        lines.append([f"{m}, seed {seed}", *[f"{x:.0f} s" for x in spent], f"{sum(spent):.0f} s",
+                      f"{statistics.median(steps):.1f} s", f"{statistics.median(evals):.1f} s"])
     return markdown(["run", "rollout", "teacher forward", "student forward, loss, backward",
-                     "held-out evaluation", "sum"], lines)
+                     "held-out evaluation", "sum", "a step (median)", "an evaluation (median)"],
+                    lines)
 
 
 def run_folders(folders):

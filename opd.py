@@ -1223,6 +1223,8 @@ class RunLog:
                  for k in ("rollout", "teacher", "update", "eval")}
         total = max(sum(spent.values()), 1e-9)
         self.say("time: " + ", ".join(f"{k} {v:.1f}s ({v / total:.0%})" for k, v in spent.items()))
+        if self.cfg.device.startswith("cuda"):
+            self.say(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
         if self.cfg.save_student:
             student.save_pretrained(self.folder / "student")
             tokenizer.save_pretrained(self.folder / "student")

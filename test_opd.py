@@ -1139,9 +1139,10 @@ def test_plurals_script_files_and_check(real_pairs, tmp_path, capsys):
         assert not opd.is_correct(tok, say(f'The word {w} is {w}{w}.'), r) or w == p
     assert plurals.plural("mouse") == "mice" and plurals.plural("baby") == "babies" and plurals.plural("bus") == "buses"
     assert json.loads((tmp_path / "context.json").read_text())[1]["content"] == 'The plural of "fox" is "foxes".'
-    plurals.check(str(d / "llama" / "student"), tmp_path, max_new_tokens=3)
+    plurals.check(str(d / "llama" / "student"), tmp_path, tmp_path / "check", max_new_tokens=3)
     out = capsys.readouterr().out
     assert "| bare |" in out and "| worked examples first |" in out
+    assert "### check" in (tmp_path / "check" / "results.md").read_text()
 
 
 def write_gguf(model, tok, path):

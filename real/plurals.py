@@ -4,7 +4,7 @@
     python real/plurals.py files real/data              # prompts.jsonl (128 nouns held out), context.json
     python real/plurals.py models GGUF real/smollm2     # real/smollm2/chat and real/smollm2/plain
     python real/plurals.py preflight STUDENT TEACHER real/data     # the teacher's grades, both renderings
-    python real/plurals.py check MODEL real/data        # the model bare and after the worked examples
+    python real/plurals.py check MODEL[,MODEL] real/data [OUT]     # bare and after the worked examples
 
 `models` dequantizes a .gguf file (llama.cpp's format; needs gguf and accelerate, see
 requirements-test.txt) into two save_pretrained folders with the same weights: chat/, the model as
@@ -138,26 +138,38 @@ def rendering_gap(student: str, teacher: str, data: Path, n: int = 8, max_new_to
     return out
 
 
-def check(model_path: str, data: Path, max_new_tokens: int = 40, threads: int = 1):
-    """The model on the held-out nouns, bare and after the context: greedy and at temperature 1."""
-    opd.torch.set_num_threads(threads)
-    tok, model = opd.load_pretrained(model_path, "cpu")
-    held = [r for r in opd.read_prompts(str(data / "prompts.jsonl")) if r["split"] == "eval"]
+def check(models: str, data: Path, out: Path | None = None, max_new_tokens: int = 64, n: int = 64):
+    """Each model (comma-separated paths) on the study's held-out nouns (the first `n`), bare and,
+    with a chat template, after the worked examples: greedy and at temperature 1; the greedy answers
+    to three nouns printed, to show what a teacher's own answers teach. With OUT, the table goes to
+    OUT/results.md (opd.write_results' format)."""
+    held = [r for r in opd.read_prompts(str(data / "prompts.jsonl")) if r["split"] == "eval"][:n]
     ctx = json.loads((data / "context.json").read_text())
-    print("| prompt | greedy acc | greedy length | greedy trunc | T=1 acc |")
-    print("|---|---|---|---|---|")
-    for name, c in (("bare", ()), ("worked examples first", ctx)):
-        ev = opd.evaluate(model, tok, held, max_new_tokens, batch_size=32, generator=opd.torch.Generator().manual_seed(0),
-                          context=c)
-        print(f"| {name} | {ev['accuracy']:.2f} | {ev['len_mean']:.1f} | {ev['trunc_rate']:.2f} | {ev['accuracy_sampled']:.2f} |",
-              flush=True)
+    rows = []
+    for path in models.split(","):
+        tok, model = opd.load_pretrained(path, "cpu")
+        for name, c in (("bare", ()), ("worked examples first", ctx))[:2 if tok.chat_template else 1]:
+            ev = opd.evaluate(model, tok, held, max_new_tokens, batch_size=32, context=c,
+                              generator=opd.torch.Generator().manual_seed(0))
+            rows.append({"model": path, "prompt": name, "greedy acc": f"{ev['accuracy']:.2f}",
+                         "greedy length": f"{ev['len_mean']:.1f}", "greedy trunc": f"{ev['trunc_rate']:.2f}",
+                         "T=1 acc": f"{ev['accuracy_sampled']:.2f}"})
+        ids, attn = opd.encode_batch(tok, [r["prompt"] for r in held[:3]])
+        resp = opd.sample_rollouts(model, ids, attn, max_new_tokens, tok.eos_token_id, tok.pad_token_id, greedy=True)
+        for r, x in zip(held[:3], resp):
+            print(f"    {path}: {r['prompt']!r} -> {tok.decode(x, skip_special_tokens=True)!r}", flush=True)
+    table = opd.markdown(list(rows[0]), [list(r.values()) for r in rows])
+    print(table, flush=True)
+    if out:
+        opd.write_results(rows, out, {"check": table},
+                          f"`python real/plurals.py check {models} {data} {out}`")
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "files":
         write_files(Path(sys.argv[2]))
-    elif len(sys.argv) == 4 and sys.argv[1] == "check":
-        check(sys.argv[2], Path(sys.argv[3]))
+    elif len(sys.argv) in (4, 5) and sys.argv[1] == "check":
+        check(sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]) if len(sys.argv) == 5 else None)
     elif len(sys.argv) == 4 and sys.argv[1] == "models":
         models(sys.argv[2], Path(sys.argv[3]))
     elif len(sys.argv) == 5 and sys.argv[1] == "preflight":

@@ -426,6 +426,29 @@ def stops_table(results, lo: int = 0, hi: int = 10) -> str:
                      "p_T(EOS) at the stops", "stops with p_T < p_S", "mean A_t"], lines)
 
 
+def fire_step(steps, values, threshold: float, patience: int = 2, start: int = 10):
+    """First step at which `values` exceeded `threshold` `patience` steps in a row ('' if never)."""
+    run = 0
+    for step, v in zip(steps, values):
+        run = run + 1 if step >= start and v > threshold else 0
+        if run >= patience:
+            return step
+    return ""
+
+
+def alert_table(runs, thresholds=(0.2, 0.3, 0.4, 0.5), patience: int = 2) -> str:
+    """The step at which the monitor's truncation alert would have fired on each run, for other
+    --alert-trunc thresholds (and --alert-patience 2), from the logged truncation rates: which
+    threshold stays quiet on a control and fires on the runs that inflate."""
+    lines = []
+    for label, _, _, rows in runs:
+        tr = [r for r in rows if "rollout/trunc_rate" in r]
+        steps, trunc = [r["step"] for r in tr], [r["rollout/trunc_rate"] for r in tr]
+        lines.append([label, *[fire_step(steps, trunc, t, patience, start=0) for t in thresholds]])
+    return markdown(["run", *[f"`--alert-trunc {t}`" for t in thresholds]],
+                    [[c if c != "" else "never" for c in line] for line in lines])
+
+
 def report_runs(out, *folders):
     """A line per run folder, labelled by its path, and the mean over runs per method; the
     evaluations of short runs, the per-position terms and the stops; and opd.plot_runs()'s figure
@@ -443,6 +466,7 @@ def report_runs(out, *folders):
         parts["positions-late"] = position_table(labelled, last - 9, last + 1)
         parts["stops"] = stops_table(labelled)
         parts["stops-late"] = stops_table(labelled, last - 9, last + 1)
+    parts["alerts"] = alert_table(runs)
     parts["time"] = time_table([(label.rsplit("-s", 1)[0], s, r) for label, _, s, r in runs])
     write(out, rows, parts, f"python studies/study.py runs {out} {' '.join(folders)}")
     parents = {}                # a method found in one folder keeps its name; else its folder's
@@ -500,16 +524,6 @@ def warning_signals(rows) -> dict:
             "length over its EMA": col("rollout/growth"),
             "p90 length": col("rollout/len_p90"),
             "teacher log-prob, falling slope": [-_slope(logp_t, i) for i in range(len(rows))]}
-
-
-def fire_step(steps, values, threshold: float, patience: int = 2, start: int = 10):
-    """First step at which `values` exceeded `threshold` `patience` steps in a row ('' if never)."""
-    run = 0
-    for step, v in zip(steps, values):
-        run = run + 1 if step >= start and v > threshold else 0
-        if run >= patience:
-            return step
-    return ""
 
 
 def signal_table(*folders, fit_seeds=(0, 1, 2), horizon: int = 50) -> str:

@@ -459,10 +459,10 @@ def report_runs(out, *folders):
              "summary": opd.summary_table(rows, group=lambda r: r["run"].rsplit("-s", 1)[0])}
     loud = [r["run"] for r in rows if r["trunc_rate_step0"] > QUIET]
     if loud:        # shape() cannot call these learned: say so under the table, not in each verdict
-        parts["runs"] += (f"\n\n{len(loud)} of {len(rows)} runs truncate more than {QUIET} of their "
-                          f"rollouts at step 0, so shape() cannot count them as learned (it needs "
-                          f"truncation <= {QUIET} before the peak, a threshold set on the toy pair): "
-                          f"read their evaluations instead.")
+        parts["runs"] += (f"\n\n{len(loud)} of {len(rows)} runs truncate more than {QUIET} of "
+                          f"their rollouts at step 0, so shape() cannot count them as learned (it "
+                          f"needs truncation <= {QUIET} before the peak, a threshold set on the toy "
+                          f"pair): read their evaluations instead.")
     if max(sum("eval/accuracy" in x for x in r) for *_, r in runs) <= 6:      # short runs
         parts["evals"] = evals_table(runs)
     if all(any("pos/adv" in x for x in r) for *_, r in runs):

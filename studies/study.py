@@ -461,8 +461,8 @@ def report_runs(out, *folders):
     if loud:        # shape() cannot call these learned: say so under the table, not in each verdict
         parts["runs"] += (f"\n\n{len(loud)} of {len(rows)} runs truncate more than {QUIET} of "
                           f"their rollouts at step 0, so shape() cannot count them as learned (it "
-                          f"needs truncation <= {QUIET} before the peak, a threshold set on the toy "
-                          f"pair): read their evaluations instead.")
+                          f"needs truncation <= {QUIET} before the peak, a threshold set on the "
+                          f"toy pair): read their evaluations instead.")
     if max(sum("eval/accuracy" in x for x in r) for *_, r in runs) <= 6:      # short runs
         parts["evals"] = evals_table(runs)
     if all(any("pos/adv" in x for x in r) for *_, r in runs):

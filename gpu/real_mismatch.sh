@@ -15,7 +15,7 @@ G=${G:?set G to the .gguf file}
 OUT=${OUT:-real/mismatch}
 PLOTS=${PLOTS:-plots/real-mismatch}
 DEVICE=${DEVICE:-cuda}
-FIXES=${FIXES:-stable-opd,seq-kd,opd+guard}
+FIXES=${FIXES:-stable-opd,seq-kd,opd+guard,iw-opd,eos-mask}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 PY=${PY:-python}
 mkdir -p "$OUT"
@@ -29,7 +29,7 @@ $PY opd.py "${COMMON[@]}" --teacher real/smollm2/chat --methods opd --seeds 1 --
 $PY opd.py "${COMMON[@]}" --teacher real/smollm2/plain --methods opd --seeds 3 --workers 3 --out-dir "$OUT/plain" \
     > "$OUT/plain.log" 2>&1 &
 wait
-$PY opd.py "${COMMON[@]}" --teacher real/smollm2/plain --methods "$FIXES" --seeds 3 --workers 9 \
+$PY opd.py "${COMMON[@]}" --teacher real/smollm2/plain --methods "$FIXES" --seeds 3 --workers 15 \
     --out-dir "$OUT/fixes" > "$OUT/fixes.log" 2>&1
 $PY studies/study.py runs "$PLOTS" "$OUT/plain" "$OUT/control" "$OUT/fixes"
 echo "[study] done: $OUT/plain, $OUT/control, $OUT/fixes; the tables in $PLOTS"

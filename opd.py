@@ -960,6 +960,7 @@ class Data:
 
 def load_models_and_data(cfg: Config, device):
     """Student, frozen teacher, tokenizer and the data, the models through from_pretrained."""
+    rows = read_prompts(cfg.prompts) if cfg.prompts else None    # a bad file stops before loading
     t_path, s_path = (cfg.teacher, cfg.student) if cfg.teacher else default_pair()
     # The student keeps float32 master weights: bf16 weights would round away updates of
     # lr ~1e-6. The frozen teacher needs no updates, so bf16 halves its memory on a GPU.
@@ -967,8 +968,7 @@ def load_models_and_data(cfg: Config, device):
     tok_t, teacher = load_pretrained(t_path, device, torch.bfloat16 if device.type == "cuda"
                                      else torch.float32)
     teacher.eval().requires_grad_(False)
-    if cfg.prompts:
-        rows = read_prompts(cfg.prompts)
+    if rows is not None:
         held = [r for r in rows if r["split"] == "eval"][:cfg.eval_size]
         train = [r for r in rows if r["split"] == "train"]
         if not held:                               # none held out by the file: the first eighth

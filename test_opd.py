@@ -120,11 +120,17 @@ def cli(*args, cwd=HERE, check=True):
     return r
 
 
+SESSION = {}     # the session fixtures' results: the other test files import the fixtures, and pytest
+                # would otherwise run a session fixture once for each file that names it
+
+
 @pytest.fixture(scope="session")
 def work(tmp_path_factory):
-    d = tmp_path_factory.mktemp("e2e")
-    cli(*TINY, "--methods", "opd", "--seeds", "1", "--out-dir", str(d / "runs"), "--plots-dir", str(d / "plots"))
-    return d
+    if "work" not in SESSION:
+        d = tmp_path_factory.mktemp("e2e")
+        cli(*TINY, "--methods", "opd", "--seeds", "1", "--out-dir", str(d / "runs"), "--plots-dir", str(d / "plots"))
+        SESSION["work"] = d
+    return SESSION["work"]
 
 
 def refused(capsys, fn, *args, match):
@@ -171,9 +177,7 @@ def bpe_tokenizer(vocab=32_000, eos="<|im_end|>"):
     return tok
 
 
-@pytest.fixture(scope="session")
-def real_pairs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("real")
+def _real_pairs(d):
     tok = bpe_tokenizer()
     for arch in ("llama", "qwen2"):
         for role, layers, width in (("student", 1, 32), ("teacher", 2, 64)):
@@ -184,6 +188,13 @@ def real_pairs(tmp_path_factory):
     rows = [{"prompt": "bada kelo mi", "answer": "sute"}, {"prompt": "zo ruka", "answer": None}] * 8
     (d / "prompts.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     return d, tok
+
+
+@pytest.fixture(scope="session")
+def real_pairs(tmp_path_factory):
+    if "real_pairs" not in SESSION:
+        SESSION["real_pairs"] = _real_pairs(tmp_path_factory.mktemp("real"))
+    return SESSION["real_pairs"]
 
 
 def _save_pair(d, tok_s, tok_t, arch="llama", scale=1.0):

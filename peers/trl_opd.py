@@ -184,10 +184,11 @@ def peer_report(out, folders):
     rows = [study.summarize(m, s, r) for m, s, r in results]
     opd.write_results(rows, Path(out), {"runs": study.runs_table(rows), "summary": opd.summary_table(rows)},
                       f"`python peers/trl_opd.py --report {out} {' '.join(map(str, folders))}`")
-    base = {"trl": "opd", "trl-stable": "stable-opd", "trl-seq-kd": "seq-kd", "trl-guard": "opd+guard",
-            "full-vocab": "opd"}               # each method in the colour of the fix it runs
+    fix = {"trl": "opd", "trl-stable": "stable-opd", "trl-seq-kd": "seq-kd", "trl-guard": "opd+guard",
+           "full-vocab": "opd"}                # each method drawn in the colour of the fix it runs
     name = {m: m.replace("opd.py ", "opd.py\n") for m, _, _ in results}      # a label that fits its row
-    colors = {name[m]: opd.COLORS.get(base.get(m.split()[-1], m.split()[-1]), "#56B4E9") for m in name}
+    colors = {name[m]: opd.COLORS.get(fix.get(m.removeprefix("opd.py "), m.removeprefix("opd.py ")), "#56B4E9")
+              for m in name}
     opd.plot_runs([(name[m], s, r) for m, s, r in results], Path(out) / "fig1_accuracy_length.png",
                   colors=colors, title="TRL's DistillationTrainer (trl*) beside opd.py's loop, a line per seed")
 
